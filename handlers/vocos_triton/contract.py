@@ -1,0 +1,200 @@
+"""The serving contract as code: constants, shape rules and input validation.
+
+This module is the single source of the error messages that users see. The Triton models raise
+:class:`InvalidInput` from these checks and turn it into an ``INVALID_ARG`` response; the client SDK
+runs the same checks before sending, so a bad tensor fails with the same words locally and remotely.
+
+It needs numpy only (no torch), because the client imports it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+SAMPLE_RATE = 24_000
+MEL_BINS = 100
+MEL_HOP = 256
+FEATURE_DIM = 128
+ENCODEC_HOP = 320
+CODEBOOK_SIZE = 1024
+BANDWIDTHS = (1.5, 3.0, 6.0, 12.0)
+#: EnCodec 24 kHz spends log2(1024) bits x 75 frames/s = 750 bps per codebook.
+CODEBOOKS = (2, 4, 8, 16)
+DEFAULT_MAX_SECONDS = 60.0
+
+
+class InvalidInput(ValueError):
+    """A request tensor breaks the contract; ``str()`` is ``"<tensor>: <what was expected, what came>"``."""
+
+    def __init__(self, tensor: str, problem: str) -> None:
+        super().__init__(f"{tensor}: {problem}")
+        self.tensor = tensor
+        self.problem = problem
+
+
+def mel_frames(num_samples: int) -> int:
+    """Frames of the centred 24 kHz log-mel of ``num_samples`` samples (vocos 0.1.0)."""
+    return 1 + num_samples // MEL_HOP
+
+
+def mel_waveform_samples(num_frames: int) -> int:
+    """Samples the mel vocoder makes from ``num_frames`` frames (centred ISTFT)."""
+    return (num_frames - 1) * MEL_HOP
+
+
+def encodec_frames(num_samples: int) -> int:
+    """EnCodec 24 kHz frames (75 Hz) for ``num_samples`` samples."""
+    return math.ceil(num_samples / ENCODEC_HOP)
+
+
+def encodec_waveform_samples(num_frames: int) -> int:
+    """Samples the EnCodec-variant vocoder makes from ``num_frames`` frames ("same" ISTFT)."""
+    return num_frames * ENCODEC_HOP
+
+
+def _format_number(value: float) -> str:
+    return f"{value:g}"
+
+
+def bandwidth_id(bandwidth: float, tensor: str = "bandwidth") -> int:
+    """Index 0..3 of ``bandwidth`` (kbps) in :data:`BANDWIDTHS`, or :class:`InvalidInput`."""
+    value = float(bandwidth)
+    for index, allowed in enumerate(BANDWIDTHS):
+        if value == allowed:
+            return index
+    allowed_text = ", ".join(_format_number(b) for b in BANDWIDTHS)
+    raise InvalidInput(tensor, f"expected one of {allowed_text} kbps, got {_format_number(value)}")
+
+
+def codebooks_for_bandwidth(bandwidth: float) -> int:
+    """Number of EnCodec codebooks K that ``bandwidth`` kbps uses."""
+    return CODEBOOKS[bandwidth_id(bandwidth)]
+
+
+def bandwidth_for_codebooks(num_codebooks: int, tensor: str = "codes") -> float:
+    """The bandwidth (kbps) whose codes have ``num_codebooks`` rows, or :class:`InvalidInput`."""
+    if num_codebooks not in CODEBOOKS:
+        raise InvalidInput(tensor, f"expected 2, 4, 8 or 16 codebooks (1.5/3/6/12 kbps), got {num_codebooks}")
+    return BANDWIDTHS[CODEBOOKS.index(num_codebooks)]
+
+
+def check_dtype(tensor: str, array: np.ndarray, expected: np.dtype) -> None:
+    if array.dtype != expected:
+        raise InvalidInput(tensor, f"expected dtype {np.dtype(expected).name}, got {array.dtype.name}")
+
+
+def check_rank(tensor: str, array: np.ndarray, rank: int, layout: str) -> None:
+    if array.ndim != rank:
+        raise InvalidInput(tensor, f"expected {rank} dimension(s) {layout}, got shape {tuple(array.shape)}")
+
+
+def check_finite(tensor: str, array: np.ndarray) -> None:
+    finite = np.isfinite(array)
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        bad = array[where]
+        kind = "NaN" if np.isnan(bad) else "Inf"
+        raise InvalidInput(tensor, f"expected finite values, got {kind} at index {list(where)}")
+
+
+def check_length(tensor: str, length: int, minimum: int, maximum: int, unit: str, per_second: float) -> None:
+    """Reject ``length`` outside ``[minimum, maximum]``; messages give seconds too, never truncate."""
+    if length == 0:
+        raise InvalidInput(tensor, f"expected at least {minimum} {unit}, got an empty {tensor}")
+    if length < minimum:
+        raise InvalidInput(tensor, f"expected at least {minimum} {unit}, got {length}")
+    if length > maximum:
+        raise InvalidInput(
+            tensor,
+            f"expected at most {maximum} {unit} ({maximum / per_second:g} s), got {length} "
+            f"({length / per_second:g} s); split the input, it is never truncated",
+        )
+
+
+def validate_audio(audio: np.ndarray, min_samples: int, max_samples: int, tensor: str = "audio") -> None:
+    """One item of 24 kHz mono audio, shape (L,), float32, finite."""
+    check_dtype(tensor, audio, np.float32)
+    check_rank(tensor, audio, 1, "(samples,)")
+    check_length(tensor, audio.shape[0], min_samples, max_samples, "samples", SAMPLE_RATE)
+    check_finite(tensor, audio)
+
+
+def validate_mel(mel: np.ndarray, min_frames: int, max_frames: int, tensor: str = "mel") -> None:
+    """One item of log-mel features, shape (100, T), float32, finite."""
+    check_dtype(tensor, mel, np.float32)
+    check_rank(tensor, mel, 2, "(mel bins, frames)")
+    if mel.shape[0] != MEL_BINS:
+        raise InvalidInput(tensor, f"expected {MEL_BINS} mel bins, got {mel.shape[0]}")
+    check_length(tensor, mel.shape[1], min_frames, max_frames, "frames", SAMPLE_RATE / MEL_HOP)
+    check_finite(tensor, mel)
+
+
+def validate_features(features: np.ndarray, min_frames: int, max_frames: int, tensor: str = "features") -> None:
+    """One item of EnCodec embedding features, shape (128, T), float32, finite."""
+    check_dtype(tensor, features, np.float32)
+    check_rank(tensor, features, 2, "(feature channels, frames)")
+    if features.shape[0] != FEATURE_DIM:
+        raise InvalidInput(tensor, f"expected {FEATURE_DIM} feature channels, got {features.shape[0]}")
+    check_length(tensor, features.shape[1], min_frames, max_frames, "frames", SAMPLE_RATE / ENCODEC_HOP)
+    check_finite(tensor, features)
+
+
+def validate_codes(
+    codes: np.ndarray, bandwidth: Optional[float], min_frames: int, max_frames: int, tensor: str = "codes"
+) -> float:
+    """One item of EnCodec codes, shape (K, T), integer, in [0, 1024); returns the bandwidth in kbps.
+
+    ``bandwidth=None`` infers it from K; otherwise K must be the bandwidth's codebook count.
+    """
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise InvalidInput(tensor, f"expected integer codes (int64), got dtype {codes.dtype.name}")
+    check_rank(tensor, codes, 2, "(codebooks, frames)")
+    num_codebooks, num_frames = codes.shape
+    implied = bandwidth_for_codebooks(num_codebooks, tensor)
+    if bandwidth is not None:
+        expected_k = codebooks_for_bandwidth(bandwidth)
+        if expected_k != num_codebooks:
+            raise InvalidInput(
+                tensor,
+                f"{num_codebooks} codebooks do not match bandwidth {_format_number(float(bandwidth))} kbps, "
+                f"which expects {expected_k}",
+            )
+        implied = float(bandwidth)
+    check_length(tensor, num_frames, min_frames, max_frames, "frames", SAMPLE_RATE / ENCODEC_HOP)
+    out_of_range = (codes < 0) | (codes >= CODEBOOK_SIZE)
+    if out_of_range.any():
+        where = tuple(int(i) for i in np.argwhere(out_of_range)[0])
+        raise InvalidInput(
+            tensor, f"expected values in [0, {CODEBOOK_SIZE}), got {int(codes[where])} at index {list(where)}"
+        )
+    return implied
+
+
+def validate_bandwidth_id(value: np.ndarray, tensor: str = "bandwidth_id") -> int:
+    """A bandwidth id in 0..3 (the index into :data:`BANDWIDTHS`)."""
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise InvalidInput(tensor, f"expected one value, got {flat.size}")
+    index = int(flat[0])
+    if not 0 <= index < len(BANDWIDTHS):
+        raise InvalidInput(tensor, f"expected an id in 0..{len(BANDWIDTHS) - 1}, got {index}")
+    return index
+
+
+def scalar_bandwidth(value: np.ndarray, tensor: str = "bandwidth") -> float:
+    """The single kbps value of a ``bandwidth`` tensor of shape (1,), validated."""
+    flat = np.asarray(value, dtype=np.float64).reshape(-1)
+    if flat.size != 1:
+        raise InvalidInput(tensor, f"expected one value in kbps, got {flat.size} values")
+    bandwidth_id(float(flat[0]), tensor)
+    return float(flat[0])
+
+
+def max_samples(max_seconds: float) -> int:
+    return int(round(max_seconds * SAMPLE_RATE))
+
+
+def describe_bandwidths(values: Sequence[float] = BANDWIDTHS) -> str:
+    return ", ".join(f"{_format_number(v)} kbps (K={k})" for v, k in zip(values, CODEBOOKS))

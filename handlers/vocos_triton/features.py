@@ -1,0 +1,78 @@
+"""Feature front ends as TorchScript-compatible modules over padded, ragged batches.
+
+- :class:`MelFeatures`: ``vocos.feature_extractors.MelSpectrogramFeatures`` (torchaudio's centred
+  ``MelSpectrogram``, power 1, HTK mel, then ``safe_log``) using the checkpoint's own window and
+  filterbank buffers, so serving needs torch but not torchaudio.
+- :class:`CodebookEmbedding`: ``Vocos.codes_to_features`` (sum of per-codebook embeddings), with a
+  different number of codebooks per item.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MelFeatures(nn.Module):
+    """forward(audio (B, L) zero-padded, lengths (B,) samples) -> log-mel (B, 100, 1 + L // 256).
+
+    Item b's features are its first ``1 + lengths[b] // hop`` frames. Each item is reflect-padded
+    at its own ends, as the reference pads it alone (so items need more than n_fft // 2 samples).
+    """
+
+    def __init__(self, mel_features: nn.Module) -> None:
+        super().__init__()
+        spectrogram = mel_features.mel_spec.spectrogram
+        if mel_features.padding != "center" or spectrogram.power != 1.0 or spectrogram.normalized:
+            raise ValueError("only the centred, power-1, unnormalised mel of vocos' configs is supported")
+        self.n_fft: int = spectrogram.n_fft
+        self.hop_length: int = spectrogram.hop_length
+        self.win_length: int = spectrogram.win_length
+        self.register_buffer("window", spectrogram.window.detach().clone())
+        self.register_buffer("filterbank", mel_features.mel_spec.mel_scale.fb.detach().clone())  # (n_freqs, n_mels)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        half = self.n_fft // 2
+        batch, longest = audio.shape
+        padded = torch.zeros(batch, longest + 2 * half, dtype=audio.dtype, device=audio.device)
+        for i in range(batch):
+            n = int(lengths[i])
+            item = audio[i : i + 1, :n].unsqueeze(1)
+            padded[i, : n + 2 * half] = nn.functional.pad(item, (half, half), mode="reflect")[0, 0]
+        spec = torch.stft(
+            padded,
+            self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.win_length,
+            window=self.window,
+            center=False,
+            normalized=False,
+            onesided=True,
+            return_complex=True,
+        ).abs()
+        mel = torch.matmul(spec.transpose(-1, -2), self.filterbank).transpose(-1, -2)
+        return torch.log(torch.clip(mel, min=1e-7))
+
+    @torch.jit.export
+    def output_frames(self, lengths: torch.Tensor) -> torch.Tensor:
+        return 1 + torch.div(lengths, self.hop_length, rounding_mode="floor")
+
+
+class CodebookEmbedding(nn.Module):
+    """forward(codes (B, K, T) int64, num_codebooks (B,)) -> features (B, 128, T).
+
+    Item b sums the embeddings of its first ``num_codebooks[b]`` codebooks; codes of the rows past
+    that are ignored (they may hold anything in [0, 1024)).
+    """
+
+    def __init__(self, codebook_weights: torch.Tensor, bins: int = 1024) -> None:
+        super().__init__()
+        self.register_buffer("weight", codebook_weights.detach().clone())  # (16 * bins, 128)
+        self.bins: int = bins
+
+    def forward(self, codes: torch.Tensor, num_codebooks: torch.Tensor) -> torch.Tensor:
+        rows = codes.shape[1]
+        offsets = torch.arange(0, self.bins * rows, self.bins, device=codes.device)
+        embeddings = nn.functional.embedding(codes + offsets[None, :, None], self.weight)  # (B, K, T, C)
+        used = (torch.arange(rows, device=codes.device)[None, :] < num_codebooks[:, None]).to(embeddings.dtype)
+        features = (embeddings * used[:, :, None, None]).sum(dim=1)
+        return features.transpose(1, 2)

@@ -1,0 +1,298 @@
+"""Launch the tritonserver bundled in the ``nvidia-pytriton`` wheel on our model repository.
+
+No Docker, and site-packages stays untouched: the Python backend folder Triton wants (backend
+library, ``triton_python_backend_utils.py`` and the stub for this Python version side by side) is
+assembled from symlinks in a build folder. The stubs embed the first ``python3`` on ``PATH``, so this
+virtual environment's ``bin`` goes first: ``model.py`` then imports our installed package.
+
+Command line (``make serve``)::
+
+    vocos-serve [--model-repository DIR] [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000]
+                [--metrics-port 8002] [--profile cpu|gpu]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, List, Optional, Sequence
+
+log = logging.getLogger("vocos_triton.server")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
+DEFAULT_BUILD_DIR = PROJECT_ROOT / "build" / "triton"
+PROFILES = {"cpu": None, "gpu": "gpu"}  # profile -> --model-config-name (configs/<name>.pbtxt)
+
+
+class LaunchError(RuntimeError):
+    """The server cannot be started as asked (missing files, port in use, start-up failure)."""
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Paths inside the installed nvidia-pytriton wheel."""
+
+    binary: Path
+    library_dir: Path
+    backend_files: Sequence[Path]
+
+    @classmethod
+    def find(cls) -> "TritonDistribution":
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise LaunchError("nvidia-pytriton is not installed in this environment (pip install -e '.[server]')")
+        package = Path(list(spec.submodule_search_locations)[0])
+        root = package / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        backend = root / "backends" / "python"
+        files = [backend / "libtriton_python.so", backend / "triton_python_backend_utils.py", stub]
+        binary = root / "bin" / "tritonserver"
+        for path in [binary, *files]:
+            if not path.exists():
+                raise LaunchError(f"{path}: missing from the nvidia-pytriton wheel (Python {version})")
+        return cls(binary=binary, library_dir=package.parent / "nvidia_pytriton.libs", backend_files=files)
+
+    def assemble_backends(self, build_dir: Path) -> Path:
+        """``<build_dir>/backends/python/`` with the three files Triton expects side by side."""
+        python_dir = build_dir / "backends" / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        for source in self.backend_files:
+            link = python_dir / source.name
+            if link.is_symlink() or link.exists():
+                if link.resolve() == source.resolve():
+                    continue
+                link.unlink()
+            link.symlink_to(source)
+        return python_dir.parent
+
+
+def ensure_port_free(host: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise LaunchError(
+                f"{what} port {port} on {host} is in use ({exc.strerror}); stop whatever holds it or choose "
+                f"another port (--{what.lower()}-port, or make serve {what.upper()}_PORT=...)"
+            ) from exc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now (for tests and throwaway servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def random_weight_models(repository: Path) -> List[str]:
+    """Models whose provenance says they were built from random weights."""
+    flagged = []
+    for provenance in sorted(repository.glob("*/1/provenance.json")):
+        if json.loads(provenance.read_text()).get("random_weights"):
+            flagged.append(provenance.parent.parent.name)
+    return flagged
+
+
+@dataclass
+class ServerOptions:
+    model_repository: Path = DEFAULT_REPOSITORY
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    profile: str = "cpu"
+    build_dir: Path = DEFAULT_BUILD_DIR
+    exit_timeout_s: int = 30
+    log_verbose: int = 0
+    extra_args: List[str] = field(default_factory=list)
+
+
+class TritonServer:
+    """A tritonserver process on a model repository; a context manager that stops it on exit."""
+
+    def __init__(self, options: ServerOptions, log_file: Optional[Path] = None) -> None:
+        self.options = options
+        self.log_file = log_file
+        self.process: Optional[subprocess.Popen] = None
+        self._log_handle: Optional[IO[bytes]] = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    def command(self, distribution: TritonDistribution, backend_dir: Path) -> List[str]:
+        o = self.options
+        args = [
+            str(distribution.binary),
+            f"--model-repository={o.model_repository}",
+            f"--backend-directory={backend_dir}",
+            f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
+            f"--http-address={o.host}", f"--http-port={o.http_port}",
+            f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
+            # explicit mode lets us reload a model whose stub died (tritonserver 2.51 never restarts one)
+            "--model-control-mode=explicit", "--load-model=*",
+            f"--exit-timeout-secs={o.exit_timeout_s}",
+            f"--log-verbose={o.log_verbose}",
+        ]
+        config_name = PROFILES[o.profile]
+        if config_name:
+            args.append(f"--model-config-name={config_name}")
+        return args + list(o.extra_args)
+
+    def environment(self, distribution: TritonDistribution) -> dict:
+        env = dict(os.environ)
+        # The stub embeds the first python3 on PATH: this environment's, so model.py sees our package.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in [str(distribution.library_dir), env.get("LD_LIBRARY_PATH", "")] if p)
+        return env
+
+    def start(self, ready_timeout_s: float = 180.0) -> "TritonServer":
+        o = self.options
+        if o.profile not in PROFILES:
+            raise LaunchError(f"unknown profile {o.profile!r}; expected one of {sorted(PROFILES)}")
+        if not any(o.model_repository.glob("*/1/model.pt")):
+            raise LaunchError(f"{o.model_repository}: no model.pt artifacts; build them first (make repository)")
+        for what, port in (("gRPC", o.grpc_port), ("HTTP", o.http_port), ("Metrics", o.metrics_port)):
+            ensure_port_free(o.host, port, what)
+        distribution = TritonDistribution.find()
+        backend_dir = distribution.assemble_backends(o.build_dir)
+        output = None
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self.log_file, "ab")
+            output = self._log_handle
+        log.info("starting %s", " ".join(self.command(distribution, backend_dir)))
+        self.process = subprocess.Popen(
+            self.command(distribution, backend_dir), env=self.environment(distribution),
+            stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True)
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                hint = f"; see {self.log_file}" if self.log_file else ""
+                raise LaunchError(f"tritonserver exited with code {self.process.returncode} during start-up{hint}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise LaunchError(f"tritonserver was not ready after {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
+        """SIGTERM, then wait (a dead stub makes Triton wait its exit timeout), then SIGKILL."""
+        process, self.process = self.process, None
+        code = None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                code = process.wait(timeout_s if timeout_s is not None else self.options.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                code = process.wait()
+        elif process is not None:
+            code = process.returncode
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _banner(server: TritonServer) -> str:
+    o = server.options
+    lines = [
+        f"Vocos on Triton is ready ({o.profile.upper()} profile, repository {o.model_repository})",
+        f"  gRPC     {server.grpc_url}      e.g. VocosClient(\"{server.grpc_url}\")",
+        f"  HTTP     {server.http_url}",
+        f"  metrics  {server.metrics_url}",
+        "Ctrl-C stops the server.",
+    ]
+    random_models = random_weight_models(o.model_repository)
+    if random_models:
+        stars = "!" * 100
+        lines = [stars, f"!! DEMO MODE: RANDOM WEIGHTS in {', '.join(random_models)}: the audio is noise, not speech.",
+                 stars, *lines]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the Vocos model repository with the bundled tritonserver.")
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
+    parser.add_argument("--exit-timeout", type=int, default=30)
+    parser.add_argument("--log-verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    server = TritonServer(ServerOptions(
+        model_repository=args.model_repository.resolve(), host=args.host, grpc_port=args.grpc_port,
+        http_port=args.http_port, metrics_port=args.metrics_port, profile=args.profile,
+        build_dir=args.build_dir, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose))
+
+    stopping = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    started = time.monotonic()
+    try:
+        server.start()
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(_banner(server) + f"\n(started in {time.monotonic() - started:.1f} s)", flush=True)
+    while not stopping and server.process is not None and server.process.poll() is None:
+        time.sleep(0.5)
+    if stopping:
+        print("stopping tritonserver ...", flush=True)
+        server.stop()
+        return 0
+    code = server.process.returncode if server.process else 1
+    print(f"error: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

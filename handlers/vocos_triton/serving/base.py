@@ -1,0 +1,178 @@
+"""What every Python-backend model of ours shares: config, validation, ragged batches, errors.
+
+Triton's dynamic batcher hands ``execute()`` a list of requests of different lengths. Each request
+is validated on its own; a bad one gets its own ``INVALID_ARG`` response and the others go on. The
+valid items are sorted by length and cut into padded batches of at most ``max_padded_frames``
+(items x longest item), each run as one forward of the TorchScript module. A failure inside a forward
+fails only the requests in that batch (``INTERNAL``), never the model.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..contract import DEFAULT_MAX_SECONDS, InvalidInput
+
+log = logging.getLogger("vocos_triton.serving")
+
+
+@dataclass
+class Item:
+    """One row of one request, validated: ``cost`` is its length in frames (its padding cost)."""
+
+    request: int
+    row: int
+    cost: int
+    data: Dict[str, Any]
+
+
+def plan_batches(items: Sequence[Item], max_padded_frames: int) -> Iterator[List[Item]]:
+    """Group items by length so that ``len(batch) * longest <= max_padded_frames`` (one item always fits)."""
+    batch: List[Item] = []
+    for item in sorted(items, key=lambda it: it.cost):
+        if batch and (len(batch) + 1) * item.cost > max_padded_frames:
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def pad_stack(arrays: Sequence[np.ndarray], dtype: np.dtype = np.float32, value: float = 0) -> np.ndarray:
+    """Stack arrays that differ in their last dimension, padding it with ``value``."""
+    longest = max(a.shape[-1] for a in arrays)
+    out = np.full((len(arrays), *arrays[0].shape[:-1], longest), value, dtype=dtype)
+    for i, a in enumerate(arrays):
+        out[i, ..., : a.shape[-1]] = a
+    return out
+
+
+class RaggedBatchModel:
+    """Base class of our ``TritonPythonModel`` implementations.
+
+    Subclasses set :attr:`artifact` and implement :meth:`parse_row` and :meth:`infer`.
+    """
+
+    artifact = "model.pt"
+
+    # -- Triton entry points -------------------------------------------------------------------
+    def initialize(self, args: Dict[str, str]) -> None:
+        self.pb = importlib.import_module("triton_python_backend_utils")
+        self.model_config = json.loads(args["model_config"])
+        self.name = self.model_config["name"]
+        self.parameters = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
+        self.input_names = [t["name"] for t in self.model_config["input"]]
+        self.output_dtypes = {
+            t["name"]: self.pb.triton_string_to_numpy(t["data_type"]) for t in self.model_config["output"]
+        }
+        self.max_seconds = self.float_parameter("max_seconds", DEFAULT_MAX_SECONDS)
+        self.max_padded_frames = int(self.float_parameter("max_padded_frames", 16384))
+        threads = int(self.float_parameter("torch_threads", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if args.get("model_instance_kind") == "GPU":
+            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
+        else:
+            self.device = torch.device("cpu")
+        path = os.path.join(args["model_repository"], args["model_version"], self.artifact)
+        self.module = torch.jit.load(path, map_location=self.device).eval()
+        self.configure()
+        self.warm_up()
+        log.info("%s: loaded %s on %s", self.name, path, self.device)
+
+    def execute(self, requests: List[Any]) -> List[Any]:
+        responses: List[Optional[Any]] = [None] * len(requests)
+        rows_per_request: Dict[int, int] = {}
+        items: List[Item] = []
+        for r, request in enumerate(requests):
+            try:
+                arrays = self.read_inputs(request)
+                rows = [self.parse_row({n: a[i] for n, a in arrays.items()}) for i in range(self.batch_size(arrays))]
+                self.check_request(rows)
+            except InvalidInput as exc:
+                responses[r] = self.error_response(str(exc), self.pb.TritonError.INVALID_ARG)
+                continue
+            rows_per_request[r] = len(rows)
+            items.extend(Item(r, i, cost, data) for i, (cost, data) in enumerate(rows))
+
+        results: Dict[int, Dict[int, Dict[str, np.ndarray]]] = {r: {} for r in rows_per_request}
+        for batch in plan_batches(items, self.max_padded_frames):
+            live = [it for it in batch if responses[it.request] is None]
+            if not live:
+                continue
+            try:
+                with torch.inference_mode():
+                    outputs = self.infer([it.data for it in live])
+            except Exception as exc:  # one failed forward must not take the other batches down
+                log.exception("%s: inference failed for a batch of %d", self.name, len(live))
+                for it in live:
+                    responses[it.request] = self.error_response(
+                        f"{self.name}: inference failed: {type(exc).__name__}: {exc}", self.pb.TritonError.INTERNAL)
+                continue
+            for it, out in zip(live, outputs):
+                results[it.request][it.row] = out
+
+        for r, count in rows_per_request.items():
+            if responses[r] is None:
+                rows = [results[r][i] for i in range(count)]
+                tensors = [
+                    self.pb.Tensor(name, np.ascontiguousarray(np.stack([row[name] for row in rows]).astype(dtype)))
+                    for name, dtype in self.output_dtypes.items()
+                ]
+                responses[r] = self.pb.InferenceResponse(output_tensors=tensors)
+        return responses
+
+    def finalize(self) -> None:
+        self.module = None
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    def float_parameter(self, key: str, default: float) -> float:
+        value = self.parameters.get(key, "")
+        return float(value) if value.strip() else default
+
+    def read_inputs(self, request: Any) -> Dict[str, np.ndarray]:
+        arrays = {}
+        for name in self.input_names:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise InvalidInput(name, "missing input tensor")
+            arrays[name] = tensor.as_numpy()
+        return arrays
+
+    @staticmethod
+    def batch_size(arrays: Dict[str, np.ndarray]) -> int:
+        sizes = {a.shape[0] for a in arrays.values()}
+        if len(sizes) != 1:
+            raise InvalidInput(next(iter(arrays)), f"inputs disagree on the batch size: {sorted(sizes)}")
+        return sizes.pop()
+
+    def error_response(self, message: str, code: int) -> Any:
+        return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def configure(self) -> None:
+        """Read model-specific parameters (after the common ones)."""
+
+    def warm_up(self) -> None:
+        """Run the module once or twice so the first request does not pay TorchScript's profiling."""
+
+    def parse_row(self, row: Dict[str, np.ndarray]) -> "tuple[int, Dict[str, Any]]":
+        """Validate one row (arrays without the batch dimension); return (cost in frames, data)."""
+        raise NotImplementedError
+
+    def check_request(self, rows: List["tuple[int, Dict[str, Any]]"]) -> None:
+        """Reject a request whose rows cannot form one output tensor (override where that can happen)."""
+
+    def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
+        """Run one padded batch; return each item's outputs (without the batch dimension)."""
+        raise NotImplementedError
