@@ -1,0 +1,35 @@
+"""Client SDK for Vocos on Triton: 24 kHz speech from mel features, audio or EnCodec codes, over gRPC.
+
+>>> from vocos_client import VocosClient
+>>> with VocosClient("localhost:8001") as vc:
+...     y = vc.synthesize(mel=mel)                                     # (100, T) log-mel
+...     y = vc.synthesize(audio=x, sample_rate=16000)                  # mel resynthesis
+...     y = vc.synthesize(audio=x, sample_rate=16000, bandwidth=6.0)   # EnCodec resynthesis
+...     y = vc.synthesize(codes=codes)                                 # (8, T) codes -> 6 kbps
+...     ys = vc.synthesize_batch(mels)                                 # concurrent -> server-side batches
+
+Every result is float32 mono audio of shape (samples,) at ``vc.sample_rate`` (24000). Needs numpy,
+tritonclient[grpc], soxr (resampling), and for the CLI soundfile and tqdm; never torch.
+"""
+from __future__ import annotations
+
+from ._aio import AsyncVocosClient
+from ._client import VocosClient
+from ._errors import DeadlineExceededError, InvalidInputError, ServerError, ServerUnavailableError, VocosError
+from ._inputs import MODELS, SAMPLE_RATE, pcm_to_float32, resample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VocosClient",
+    "AsyncVocosClient",
+    "VocosError",
+    "InvalidInputError",
+    "ServerUnavailableError",
+    "DeadlineExceededError",
+    "ServerError",
+    "SAMPLE_RATE",
+    "MODELS",
+    "pcm_to_float32",
+    "resample",
+]

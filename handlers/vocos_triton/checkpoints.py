@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, Optional
@@ -114,22 +116,46 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
+def _hub_unreachable_reason() -> Optional[str]:
+    """Why the hub cannot be reached, found in seconds; None if it answers.
+
+    huggingface_hub retries a failing connection for about 25 s; an offline ``make serve`` should
+    say what to do at once instead.
+    """
+    if env_flag("HF_HUB_OFFLINE"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
+    except OSError as exc:
+        return f"{endpoint.hostname}:{port} unreachable: {exc}"
+    return None
+
+
 def _download_from_hub(repo_id: str) -> Path:
     """The hub snapshot folder of ``repo_id`` holding both files (cache first, then network)."""
     from huggingface_hub import hf_hub_download
 
+    def fail(filename: str, reason: str) -> WeightsUnavailable:
+        return WeightsUnavailable(
+            f"Could not get {filename} of {repo_id!r} from the Hugging Face Hub ({reason}) "
+            f"and it is not in the local cache.\n{HOW_TO_PROVIDE_WEIGHTS}")
+
     paths = []
     for filename in (CONFIG_FILE, WEIGHTS_FILE):
         try:
-            try:
-                paths.append(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
-            except Exception:
-                paths.append(hf_hub_download(repo_id=repo_id, filename=filename, etag_timeout=10))
+            paths.append(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
+            continue
+        except Exception:
+            pass
+        reason = _hub_unreachable_reason()
+        if reason:
+            raise fail(filename, reason)
+        try:
+            paths.append(hf_hub_download(repo_id=repo_id, filename=filename, etag_timeout=10))
         except Exception as exc:
-            raise WeightsUnavailable(
-                f"Could not get {filename} of {repo_id!r} from the Hugging Face Hub "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n{HOW_TO_PROVIDE_WEIGHTS}"
-            ) from exc
+            raise fail(filename, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     return Path(paths[0]).parent
 
 

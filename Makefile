@@ -1,0 +1,66 @@
+# Vocos on Triton. `make serve` and `make test` are the two commands a fresh machine needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+# Weights: hub ids or local folders (config.yaml + pytorch_model.bin), and the EnCodec checkpoint file.
+VOCOS_MEL ?= charactr/vocos-mel-24khz
+VOCOS_ENCODEC ?= charactr/vocos-encodec-24khz
+ENCODEC_CHECKPOINT ?=
+# RANDOM_WEIGHTS=1: a loudly labelled demo with random-initialised weights (noise, not speech).
+RANDOM_WEIGHTS ?= 0
+REPOSITORY ?= model_repository
+HOST ?= 127.0.0.1
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8002
+PROFILE ?= cpu
+PYTEST_ARGS ?=
+
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install system-deps repository serve test check-contract profiles load-test bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[server,client,load,dev]'
+	touch $@
+
+# espeak-ng makes the speech the tests, benchmarks and load tests use; sox for inspecting audio.
+system-deps:
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then \
+	  echo "installing espeak-ng and sox (Debian packages)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng sox >/dev/null; \
+	fi
+
+ifeq ($(RANDOM_WEIGHTS),1)
+WEIGHT_ARGS := --random-weights build/random-weights
+else
+WEIGHT_ARGS := --mel '$(VOCOS_MEL)' --encodec '$(VOCOS_ENCODEC)' $(if $(ENCODEC_CHECKPOINT),--encodec-checkpoint '$(ENCODEC_CHECKPOINT)')
+endif
+
+repository: install
+	$(PY) -m vocos_triton.export --output $(REPOSITORY) $(WEIGHT_ARGS)
+
+serve: repository
+	$(PY) -m vocos_triton.server --model-repository $(REPOSITORY) --host $(HOST) \
+	  --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --profile $(PROFILE)
+
+test: install system-deps
+	$(PY) -m vocos_triton.profiles --check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+profiles: install
+	$(PY) -m vocos_triton.profiles
+
+check-contract: install
+	$(PY) ../shared/tools/check_contract.py $(REPOSITORY)
+
+clean:
+	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/provenance.json

@@ -1,0 +1,240 @@
+"""Turn the arguments of ``synthesize`` into one Triton request: conversion, resampling, validation.
+
+Pure numpy + soxr, no network: both clients (sync and asyncio) and the CLI share it, and everything
+it rejects is rejected before a request is sent, with the server's own words
+(:mod:`vocos_triton.contract`).
+
+Which model serves which input (the transformers ``VocosProcessor`` semantics):
+
+==================================  ========================  =====================================
+call                                Triton model              request tensors (batch of 1)
+==================================  ========================  =====================================
+``mel=(100, T)``                    ``vocos_mel``             ``mel`` FP32 [1, 100, T]
+``audio=(L,)``                      ``resynthesize_mel``      ``audio`` FP32 [1, L]
+``audio=(L,), bandwidth=kbps``      ``resynthesize_encodec``  ``audio`` FP32 [1, L], ``bandwidth`` FP32 [1, 1]
+``codes=(K, T)[, bandwidth=kbps]``  ``decode_codes``          ``codes`` INT64 [1, K, T], ``bandwidth`` FP32 [1, 1]
+==================================  ========================  =====================================
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from vocos_triton import contract as c
+
+from ._errors import InvalidInputError
+
+log = logging.getLogger("vocos_client")
+
+ArrayLike = Union[np.ndarray, Sequence[Any]]
+
+#: Output sample rate of every model (and the rate the server expects audio at).
+SAMPLE_RATE = c.SAMPLE_RATE
+
+#: Which Triton model serves which kind of input (``audio_mel``: audio without a bandwidth).
+MODELS: Mapping[str, str] = {
+    "mel": "vocos_mel",
+    "audio_mel": "resynthesize_mel",
+    "audio_encodec": "resynthesize_encodec",
+    "codes": "decode_codes",
+}
+OUTPUT = "waveform"
+
+#: torch.stft's reflect padding of n_fft // 2 = 512 needs more samples than that (vocos 0.1.0).
+MEL_MIN_SAMPLES = 513
+ENCODEC_MIN_SAMPLES = 1
+MEL_MIN_FRAMES = 2
+CODES_MIN_FRAMES = 1
+
+# Integer PCM: full scale of each signed type, and the offset of unsigned 8-bit WAV data.
+_PCM_SCALE = {np.dtype(np.int8): 2.0**7, np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-item limits; they must equal the server's ``max_seconds`` parameter (60 s by default)."""
+
+    max_seconds: float = c.DEFAULT_MAX_SECONDS
+
+    @property
+    def max_samples(self) -> int:
+        return c.max_samples(self.max_seconds)
+
+    @property
+    def max_mel_frames(self) -> int:
+        return c.mel_frames(self.max_samples)
+
+    @property
+    def max_code_frames(self) -> int:
+        return c.encodec_frames(self.max_samples)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prepared request: the model and its tensors *without* the batch dimension."""
+
+    model: str
+    inputs: Dict[str, np.ndarray]
+
+    def batched(self) -> Dict[str, np.ndarray]:
+        """The tensors with the leading batch dimension of 1 that Triton expects."""
+        return {name: np.ascontiguousarray(value[None]) for name, value in self.inputs.items()}
+
+
+def _invalid(tensor: Optional[str], problem: str) -> InvalidInputError:
+    return InvalidInputError(f"{tensor}: {problem}" if tensor else problem, tensor=tensor)
+
+
+def _contract(exc: c.InvalidInput) -> InvalidInputError:
+    return InvalidInputError(str(exc), tensor=exc.tensor)
+
+
+def pcm_to_float32(audio: ArrayLike) -> np.ndarray:
+    """Audio samples of any float or integer PCM dtype as float32 in [-1, 1], mono, shape (L,).
+
+    * float16/32/64: taken as is (cast to float32); a Python list is taken as float samples.
+    * int8, int16, int32: divided by full scale (128, 32768, 2**31); uint8: ``(x - 128) / 128``.
+    * (L, 1) and (1, L) are squeezed to (L,). Several channels are an error (mix them down yourself,
+      e.g. ``x.mean(axis=1)``): silently averaging could cancel out-of-phase channels.
+    """
+    if isinstance(audio, np.ndarray):
+        array = audio
+    else:
+        try:
+            array = np.asarray(audio, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise _invalid("audio", f"expected a sequence of numbers, got {type(audio).__name__} ({exc})") from None
+    dtype = array.dtype
+    if dtype.kind == "f":
+        samples = array.astype(np.float32, copy=False)
+    elif dtype in _PCM_SCALE:
+        samples = (array.astype(np.float64) / _PCM_SCALE[dtype]).astype(np.float32)
+    elif dtype == np.uint8:
+        samples = ((array.astype(np.float64) - 128.0) / 128.0).astype(np.float32)
+    else:
+        raise _invalid("audio", f"expected float or int8/int16/int32/uint8 PCM samples, got dtype {dtype.name}")
+    if samples.ndim == 2 and 1 in samples.shape:
+        samples = samples.reshape(-1)
+    if samples.ndim != 1:
+        raise _invalid("audio", f"expected mono audio of shape (samples,), got shape {tuple(array.shape)}; "
+                                "mix the channels down first, e.g. audio.mean(axis=1)")
+    return samples
+
+
+def resample(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """float32 (L,) at ``sample_rate`` -> float32 (L',) at 24 kHz with soxr's "HQ" resampler."""
+    if sample_rate == SAMPLE_RATE or audio.size == 0:
+        return audio
+    import soxr  # imported here so that mel/codes-only users never load it
+
+    return np.ascontiguousarray(soxr.resample(audio, sample_rate, SAMPLE_RATE, quality="HQ"), dtype=np.float32)
+
+
+def _sample_rate(sample_rate: Any) -> int:
+    if sample_rate is None:
+        raise _invalid("sample_rate", "required with audio=, the rate of the audio in Hz (e.g. 16000)")
+    try:
+        rate = float(sample_rate)
+    except (TypeError, ValueError):
+        raise _invalid("sample_rate", f"expected a rate in Hz, got {sample_rate!r}") from None
+    if not rate.is_integer() or rate <= 0:
+        raise _invalid("sample_rate", f"expected a positive whole number of Hz, got {sample_rate!r}")
+    return int(rate)
+
+
+def _bandwidth(bandwidth: Any, validate: bool) -> float:
+    try:
+        value = float(bandwidth)
+    except (TypeError, ValueError):
+        raise _invalid("bandwidth", f"expected kbps as a number, got {bandwidth!r}") from None
+    if validate:
+        c.bandwidth_id(value)
+    return value
+
+
+def _squeeze_batch(array: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+    """Drop a singleton batch axis at one of ``axes`` from a 3-D array (HF/vocos layouts)."""
+    if array.ndim == 3:
+        for axis in axes:
+            if array.shape[axis] == 1:
+                return np.squeeze(array, axis=axis)
+    return array
+
+
+def _as_mel(mel: ArrayLike) -> np.ndarray:
+    """(100, T) float32; a float64 array or a list is cast, (1, 100, T) is squeezed."""
+    array = mel if isinstance(mel, np.ndarray) else np.asarray(mel, dtype=np.float32)
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32, copy=False)
+    return np.ascontiguousarray(_squeeze_batch(array, (0,)))
+
+
+def _as_codes(codes: ArrayLike) -> np.ndarray:
+    """(K, T) integer codes; (K, 1, T) (the vocos/EnCodec layout) and (1, K, T) are squeezed."""
+    array = codes if isinstance(codes, np.ndarray) else np.asarray(codes)
+    return _squeeze_batch(array, (1, 0))
+
+
+def prepare(
+    *,
+    mel: Optional[ArrayLike] = None,
+    audio: Optional[ArrayLike] = None,
+    sample_rate: Optional[int] = None,
+    bandwidth: Optional[float] = None,
+    codes: Optional[ArrayLike] = None,
+    limits: Limits = Limits(),
+    validate: bool = True,
+) -> Request:
+    """Check the call, convert the input and pick the model; raise :class:`InvalidInputError` early.
+
+    ``validate=False`` skips the contract checks on the tensors (the server makes them anyway) but
+    still converts dtypes, resamples and checks the call itself (one input kind, ``sample_rate``).
+    """
+    given = [name for name, value in (("mel", mel), ("audio", audio), ("codes", codes)) if value is not None]
+    if len(given) != 1:
+        got = " and ".join(f"{name}=" for name in given) if given else "none"
+        raise _invalid(None, f"expected exactly one of mel=, audio= or codes=, got {got}")
+    kind = given[0]
+    if sample_rate is not None and kind != "audio":
+        raise _invalid("sample_rate", f"only applies to audio=, not {kind}= (mel and codes are 24 kHz by construction)")
+
+    try:
+        if kind == "mel":
+            if bandwidth is not None:
+                raise _invalid("bandwidth", "the mel vocoder has no bandwidth; use it with audio= or codes=")
+            array = _as_mel(mel)
+            if validate:
+                c.validate_mel(array, MEL_MIN_FRAMES, limits.max_mel_frames)
+            return Request(MODELS["mel"], {"mel": array})
+
+        if kind == "audio":
+            rate = _sample_rate(sample_rate)
+            kbps = None if bandwidth is None else _bandwidth(bandwidth, validate)
+            samples = resample(pcm_to_float32(audio), rate)
+            if validate:
+                minimum = MEL_MIN_SAMPLES if kbps is None else ENCODEC_MIN_SAMPLES
+                c.validate_audio(samples, minimum, limits.max_samples)
+            if rate != SAMPLE_RATE:
+                log.debug("resampled audio from %d Hz to %d Hz: %d samples", rate, SAMPLE_RATE, samples.shape[0])
+            if kbps is None:
+                return Request(MODELS["audio_mel"], {"audio": samples})
+            return Request(MODELS["audio_encodec"], {"audio": samples, "bandwidth": np.array([kbps], np.float32)})
+
+        array = _as_codes(codes)
+        kbps = None if bandwidth is None else _bandwidth(bandwidth, validate)
+        if validate:
+            kbps = c.validate_codes(array, kbps, CODES_MIN_FRAMES, limits.max_code_frames)
+        elif kbps is None:
+            # Unvalidated: the server still needs a bandwidth tensor; a valid placeholder lets it judge K.
+            k = array.shape[0] if array.ndim >= 1 else 0
+            kbps = c.BANDWIDTHS[c.CODEBOOKS.index(k)] if k in c.CODEBOOKS else c.BANDWIDTHS[-1]
+        if np.issubdtype(array.dtype, np.integer):
+            # Validated values are in [0, 1024), so the cast cannot wrap; unvalidated ones go as they are.
+            array = array.astype(np.int64, copy=False)
+        return Request(MODELS["codes"], {"codes": np.ascontiguousarray(array),
+                                         "bandwidth": np.array([kbps], np.float32)})
+    except c.InvalidInput as exc:
+        raise _contract(exc) from None

@@ -1,0 +1,228 @@
+"""``vocos-client``: wav in -> wav out, ``.npy`` codes or mel in -> wav out, through a Triton server.
+
+Usage::
+
+    vocos-client [--url HOST:PORT] [--timeout S] resynth IN.wav [IN.wav ...] -o OUT [--bandwidth KBPS]
+    vocos-client [--url HOST:PORT] codes IN.npy [IN.npy ...] -o OUT [--bandwidth KBPS]
+    vocos-client [--url HOST:PORT] mel IN.npy [IN.npy ...] -o OUT
+    vocos-client [--url HOST:PORT] ready
+
+* ``resynth``: any rate soundfile reads (resampled to 24 kHz with soxr); several channels are averaged
+  to mono. Without ``--bandwidth`` through the mel vocoder, with it through EnCodec at that bandwidth.
+* ``codes``: (K, T) integer EnCodec codes, K = 2/4/8/16 (the bandwidth follows from K unless given).
+* ``mel``: (100, T) log-mel features.
+* ``OUT`` is a ``.wav`` file for one input, otherwise a directory (created) that gets ``<input stem>.wav``.
+  Output is 24 kHz mono; ``--subtype FLOAT`` (default: 32-bit float, the exact model output) or
+  ``PCM_16``/``PCM_24`` (clipped to [-1, 1]).
+
+Many inputs are sent concurrently (``--concurrency``, default 8) so that the server batches them;
+a progress bar goes to stderr when it is a terminal (``--quiet`` turns it off). Nothing is written
+unless every input succeeds. Errors print one line, ``vocos-client: error: <message>``, and exit with
+2 (invalid input or arguments), 3 (server unavailable) or 1 (anything else).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ._client import VocosClient
+from ._errors import InvalidInputError, ServerUnavailableError, VocosError
+from ._inputs import SAMPLE_RATE
+
+PROG = "vocos-client"
+EXIT_OK, EXIT_OTHER, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
+SUBTYPES = ("FLOAT", "PCM_16", "PCM_24")
+
+log = logging.getLogger("vocos_client.cli")
+
+
+class CliError(Exception):
+    """An error to report in one line with an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage and exits; we want one line and main() to return the code.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(message, EXIT_INVALID)
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Connection options, accepted before and after the subcommand (the latter must not reset them)."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--url", default=default("localhost:8001"), help="Triton gRPC HOST:PORT (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=default(60.0), help="seconds per request, retries included")
+    parser.add_argument("--retries", type=int, default=default(3), help="retries when the server is unavailable")
+    parser.add_argument("--concurrency", type=int, default=default(8), help="requests in flight (default 8)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="no progress bar, no list of written files")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log retries and progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Synthesize 24 kHz audio with Vocos on a Triton server.")
+    _common(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{resynth,codes,mel,ready}",
+                                     parser_class=_Parser)
+
+    def command(name: str, help_text: str, pattern: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("inputs", nargs="+", metavar=pattern, type=Path)
+        sub.add_argument("-o", "--output", required=True, type=Path,
+                         help="OUT.wav for one input, else a directory for <stem>.wav files")
+        sub.add_argument("--subtype", choices=SUBTYPES, default="FLOAT", help="wav sample format (default FLOAT)")
+        _common(sub, suppress=True)
+        return sub
+
+    command("resynth", "audio files -> resynthesized 24 kHz wav (mel, or EnCodec with --bandwidth)", "IN.wav") \
+        .add_argument("--bandwidth", type=float, help="EnCodec kbps: 1.5, 3, 6 or 12 (default: mel path)")
+    command("codes", "(K, T) EnCodec codes .npy -> wav", "IN.npy") \
+        .add_argument("--bandwidth", type=float, help="kbps (default: from K: 2/4/8/16 -> 1.5/3/6/12)")
+    command("mel", "(100, T) log-mel .npy -> wav", "IN.npy")
+    ready = commands.add_parser("ready", help="exit 0 when the server and the models are ready, else 3")
+    _common(ready, suppress=True)
+    return parser
+
+
+def _read_audio(path: Path) -> Dict[str, Any]:
+    import soundfile as sf
+
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (frames, channels)
+    except (OSError, RuntimeError) as exc:  # soundfile's LibsndfileError is a RuntimeError
+        raise CliError(f"{path}: cannot read audio: {exc}", EXIT_INVALID) from None
+    if audio.shape[1] > 1:
+        log.warning("%s: %d channels averaged to mono", path, audio.shape[1])
+    return {"audio": audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0], "sample_rate": rate}
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{path}: cannot read a .npy array: {exc}", EXIT_INVALID) from None
+
+
+def _outputs(inputs: Sequence[Path], output: Path) -> List[Path]:
+    """Where each input's result goes: ``output`` itself for one input to a .wav, else ``output/<stem>.wav``."""
+    if len(inputs) == 1 and output.suffix.lower() == ".wav" and not output.is_dir():
+        return [output]
+    if output.suffix.lower() == ".wav" and not output.is_dir():
+        raise CliError(f"-o {output}: {len(inputs)} inputs need an output directory, not a .wav file", EXIT_INVALID)
+    paths = [output / f"{path.stem}.wav" for path in inputs]
+    seen: Dict[Path, Path] = {}
+    for source, target in zip(inputs, paths):
+        if target in seen:
+            raise CliError(f"{seen[target]} and {source} would both be written to {target}", EXIT_INVALID)
+        seen[target] = source
+    return paths
+
+
+def _items(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    items = []
+    for path in args.inputs:
+        if args.command == "resynth":
+            item = _read_audio(path)
+            if args.bandwidth is not None:
+                item["bandwidth"] = args.bandwidth
+        elif args.command == "codes":
+            item = {"codes": _read_npy(path)}
+            if args.bandwidth is not None:
+                item["bandwidth"] = args.bandwidth
+        else:
+            item = {"mel": _read_npy(path)}
+        items.append(item)
+    return items
+
+
+def _write(paths: Sequence[Path], waveforms: Sequence[np.ndarray], subtype: str) -> None:
+    import soundfile as sf
+
+    for path, waveform in zip(paths, waveforms):
+        if subtype != "FLOAT":
+            waveform = np.clip(waveform, -1.0, 1.0)  # integer PCM cannot hold more; do not let it wrap
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(str(path), waveform, SAMPLE_RATE, subtype=subtype)
+        except (OSError, RuntimeError) as exc:
+            raise CliError(f"{path}: cannot write: {exc}", EXIT_OTHER) from None
+
+
+def _describe(exc: VocosError, inputs: Sequence[Path]) -> str:
+    """A batch error names the file, not the item index."""
+    if exc.item is not None and 0 <= exc.item < len(inputs):
+        original = exc.__cause__ if isinstance(exc.__cause__, VocosError) else exc
+        return f"{inputs[exc.item]}: {original}"
+    return str(exc)
+
+
+def _exit_code(exc: VocosError) -> int:
+    if isinstance(exc, InvalidInputError):
+        return EXIT_INVALID
+    if isinstance(exc, ServerUnavailableError):
+        return EXIT_UNAVAILABLE
+    return EXIT_OTHER
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        raise CliError(f"--concurrency: expected >= 1, got {args.concurrency}", EXIT_INVALID)
+    try:
+        client = VocosClient(args.url, timeout=args.timeout, retries=args.retries)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_INVALID) from None
+    with client:
+        if args.command == "ready":
+            if client.ready(timeout=args.timeout):
+                return EXIT_OK
+            raise CliError(f"{args.url}: server or models not ready", EXIT_UNAVAILABLE)
+        paths = _outputs(args.inputs, args.output)
+        items = _items(args)
+        from tqdm import tqdm
+
+        show = not args.quiet and sys.stderr.isatty()
+        with tqdm(total=len(items), unit="file", file=sys.stderr, disable=not show) as bar:
+            try:
+                waveforms = client.synthesize_batch(items, max_concurrency=args.concurrency,
+                                                    progress=lambda _: bar.update(1))
+            except VocosError as exc:
+                raise CliError(_describe(exc, args.inputs), _exit_code(exc)) from None
+    _write(paths, waveforms, args.subtype)
+    if not args.quiet:
+        for path in paths:
+            print(path)
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``vocos-client``; returns the exit code (0 ok, 1 other, 2 invalid input, 3 unavailable)."""
+    try:
+        args = build_parser().parse_args(argv)
+        # Retries are logged as warnings by the SDK; the CLI shows them only with -v, so that a
+        # failure reads as exactly one line.
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                            format=f"{PROG}: %(levelname)s: %(message)s", stream=sys.stderr)
+        return _run(args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except VocosError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""``vocos-client`` against a real tritonserver: wav/npy in, 24 kHz wav out, errors in one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+import reference_outputs as ref
+from vocos_client.cli import main
+from vocos_triton.server import free_port
+from vocos_triton.speech import SENTENCES, speech
+
+PARITY = 1e-4
+
+
+@pytest.fixture(scope="module")
+def speech_wavs(tmp_path_factory) -> dict:
+    """Real speech at 16 kHz (16-bit PCM, as most recordings) and 48 kHz (float) in wav files."""
+    folder = tmp_path_factory.mktemp("speech-wavs")
+    paths = {16000: folder / "sentence_16k.wav", 48000: folder / "sentence_48k.wav"}
+    # 1.5 s each keeps the EnCodec reference fast on 2 cores
+    sf.write(paths[16000], speech(SENTENCES[3], sample_rate=16000)[:24_000], 16000, subtype="PCM_16")
+    sf.write(paths[48000], speech(SENTENCES[4], sample_rate=48000)[:72_000], 48000, subtype="FLOAT")
+    return paths
+
+
+def read_24k(path: Path) -> np.ndarray:
+    audio, rate = sf.read(path, dtype="float32")
+    assert rate == 24000 and audio.ndim == 1
+    return audio
+
+
+def reference_input(path: Path) -> np.ndarray:
+    """What the CLI sends for a wav file: its float samples, soxr-resampled to 24 kHz."""
+    audio, rate = sf.read(path, dtype="float32")
+    return soxr.resample(audio, rate, 24000, quality="HQ").astype(np.float32)
+
+
+def run_cli(capsys, *argv: str) -> tuple:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("bandwidth", [None, 6.0])
+def test_resynth_speech_at_16k_and_48k(triton, capsys, tmp_path, speech_wavs, reference_mel, reference_encodec,
+                                       bandwidth):
+    inputs = [speech_wavs[16000], speech_wavs[48000]]
+    extra = [] if bandwidth is None else ["--bandwidth", str(bandwidth)]
+    code, out, err = run_cli(capsys, "--url", triton.grpc_url, "resynth", *inputs, "-o", tmp_path / "out", *extra)
+    assert code == 0, err
+    written = [tmp_path / "out" / f"{p.stem}.wav" for p in inputs]
+    assert out.split() == [str(p) for p in written]
+    for source, target in zip(inputs, written):
+        x24 = reference_input(source)
+        if bandwidth is None:
+            expected = ref.mel_resynthesize(reference_mel, x24)
+        else:
+            expected = ref.encodec_resynthesize(reference_encodec, x24, bandwidth)
+        assert ref.max_error(read_24k(target), expected) <= PARITY
+
+
+def test_codes_npy_to_wav(triton, capsys, tmp_path, reference_encodec, speech_3s):
+    codes = ref.encodec_codes(reference_encodec, speech_3s, 6.0)  # (8, T): Bark-style, 6 kbps
+    np.save(tmp_path / "fine_tokens.npy", codes.astype(np.int16))
+    code, _, err = run_cli(capsys, "--url", triton.grpc_url, "-q", "codes", tmp_path / "fine_tokens.npy",
+                           "-o", tmp_path / "speech.wav")
+    assert code == 0 and err == ""
+    assert ref.max_error(read_24k(tmp_path / "speech.wav"), ref.decode_codes(reference_encodec, codes, 6.0)) <= PARITY
+
+
+def test_mel_npy_to_wav(triton, capsys, tmp_path, reference_mel, speech_1s):
+    mel = ref.mel_features(reference_mel, speech_1s)
+    np.save(tmp_path / "mel.npy", mel)
+    # options may also follow the subcommand
+    code, _, err = run_cli(capsys, "mel", tmp_path / "mel.npy", "-o", tmp_path / "mel.wav", "--url", triton.grpc_url,
+                           "--subtype", "PCM_16")
+    assert code == 0, err
+    info = sf.info(tmp_path / "mel.wav")
+    assert info.samplerate == 24000 and info.channels == 1 and info.subtype == "PCM_16"
+    expected = np.clip(ref.mel_decode(reference_mel, mel), -1, 1)
+    assert ref.max_error(read_24k(tmp_path / "mel.wav"), expected) <= 2**-14  # 16-bit quantisation
+
+
+def test_stereo_wav_is_mixed_down(triton, capsys, tmp_path, speech_1s):
+    stereo = np.stack([speech_1s, 0.5 * speech_1s], axis=1)
+    sf.write(tmp_path / "stereo.wav", stereo, 24000, subtype="FLOAT")
+    sf.write(tmp_path / "mono.wav", stereo.mean(axis=1), 24000, subtype="FLOAT")
+    code, _, err = run_cli(capsys, "--url", triton.grpc_url, "-q", "resynth", tmp_path / "stereo.wav",
+                           tmp_path / "mono.wav", "-o", tmp_path / "out")
+    assert code == 0, err
+    assert ref.max_error(read_24k(tmp_path / "out" / "stereo.wav"), read_24k(tmp_path / "out" / "mono.wav")) <= 1e-5
+
+
+def test_ready(triton, capsys):
+    assert run_cli(capsys, "--url", triton.grpc_url, "ready")[0] == 0
+    code, _, err = run_cli(capsys, "--url", f"127.0.0.1:{free_port()}", "--retries", "0", "ready")
+    assert code == 3 and err.count("\n") == 1
+
+
+# -- errors: one line, exit 2 (invalid input), 3 (unavailable), 1 (other) ------------------------------
+def test_invalid_input_names_the_file(triton, capsys, tmp_path):
+    np.save(tmp_path / "good.npy", np.zeros((100, 20), np.float32))
+    np.save(tmp_path / "bad.npy", np.zeros((80, 20), np.float32))
+    code, out, err = run_cli(capsys, "--url", triton.grpc_url, "mel", tmp_path / "good.npy", tmp_path / "bad.npy",
+                             "-o", tmp_path / "out")
+    assert code == 2 and out == ""
+    assert err == f"vocos-client: error: {tmp_path / 'bad.npy'}: mel: expected 100 mel bins, got 80\n"
+    assert not (tmp_path / "out").exists()  # nothing is written unless every input succeeds
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["mel", "missing.npy", "-o", "x.wav"], "missing.npy: cannot read a .npy array"),
+    (["resynth", "missing.wav", "-o", "x.wav"], "missing.wav: cannot read audio"),
+    (["mel", "a.npy"], "the following arguments are required: -o/--output"),
+    (["mel", "a.npy", "b.npy", "-o", "x.wav"], "2 inputs need an output directory"),
+    (["resynth", "a.wav", "-o", "x.wav", "--bandwidth", "5"], None),
+    (["frobnicate"], "argument {resynth,codes,mel,ready}: invalid choice"),
+])
+def test_usage_errors_exit_2_in_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    sf.write(tmp_path / "a.wav", np.zeros(2400, np.float32), 24000)
+    for name in ("a.npy", "b.npy"):
+        np.save(tmp_path / name, np.zeros((100, 5), np.float32))
+    code, out, err = run_cli(capsys, "--url", f"127.0.0.1:{free_port()}", "--retries", "0", *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("vocos-client: error: ") and err.count("\n") == 1, err
+    assert message is None or message in err
+    if message is None:
+        assert "bandwidth: expected one of 1.5, 3, 6, 12 kbps, got 5" in err
+
+
+def test_server_down_exits_3_from_the_installed_script(tmp_path):
+    np.save(tmp_path / "mel.npy", np.zeros((100, 20), np.float32))
+    script = Path(sys.executable).with_name("vocos-client")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "vocos_client.cli"]
+    run = subprocess.run([*command, "--url", f"127.0.0.1:{free_port()}", "--retries", "1", "--timeout", "10",
+                          "mel", str(tmp_path / "mel.npy"), "-o", str(tmp_path / "out.wav")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3
+    assert run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vocos-client: error: ") and "2 attempts" in lines[0], run.stderr
+    assert not (tmp_path / "out.wav").exists()

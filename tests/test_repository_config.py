@@ -1,0 +1,87 @@
+"""Config consistency of the committed model repository: the commonest Triton mistakes, caught cheaply."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vocos_triton import profiles
+from vocos_triton.serving import models as serving_models
+
+REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+CONTRACT_CHECKER = REPOSITORY.parent.parent / "shared" / "tools" / "check_contract.py"
+CONFIGS = {p.parent.name: profiles.load_config(p) for p in sorted(REPOSITORY.glob("*/config.pbtxt"))}
+PYTHON_MODELS = sorted(n for n, c in CONFIGS.items() if c.backend == "python")
+ENSEMBLES = sorted(n for n, c in CONFIGS.items() if c.platform == "ensemble")
+
+
+def tensors(config, kind):
+    return {t.name: (t.data_type, list(t.dims)) for t in getattr(config, kind)}
+
+
+def test_every_contract_model_is_here():
+    assert PYTHON_MODELS == ["encodec_embedding", "encodec_encoder", "mel_features", "vocos_encodec", "vocos_mel"]
+    assert ENSEMBLES == ["decode_codes", "resynthesize_encodec", "resynthesize_mel"]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_names_match_folders_and_versions_exist(name):
+    assert CONFIGS[name].name == name
+    assert (REPOSITORY / name / "1").is_dir()
+
+
+@pytest.mark.parametrize("name", PYTHON_MODELS)
+def test_python_models_batch_raggedly_and_delegate_to_the_package(name):
+    config = CONFIGS[name]
+    assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    for t in config.input:
+        assert t.allow_ragged_batch == (-1 in t.dims), f"{name}.{t.name}: ragged iff variable length"
+    source = (REPOSITORY / name / "1" / "model.py").read_text()
+    imports = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)]
+    assert len(imports) == 1 and imports[0].module == "vocos_triton.serving.models", "model.py stays thin"
+    (alias,) = imports[0].names
+    assert alias.asname == "TritonPythonModel" and hasattr(serving_models, alias.name)
+    assert len(source.splitlines()) < 10
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert float(params["max_seconds"]) == 60 and int(params["max_padded_frames"]) > 0
+
+
+@pytest.mark.parametrize("name", ENSEMBLES)
+def test_ensemble_graph_resolves_with_matching_types_and_dims(name):
+    config = CONFIGS[name]
+    available = tensors(config, "input")  # tensor name in the ensemble -> (dtype, dims)
+    assert not set(available) & set(tensors(config, "output")), "an input named like an output loops in 2.51"
+    for step in config.ensemble_scheduling.step:
+        model = CONFIGS[step.model_name]
+        assert config.max_batch_size <= model.max_batch_size
+        model_inputs, model_outputs = tensors(model, "input"), tensors(model, "output")
+        assert set(step.input_map) == set(model_inputs), f"{name}: {step.model_name} inputs"
+        for model_tensor, ensemble_tensor in step.input_map.items():
+            assert ensemble_tensor in available, f"{name}: {ensemble_tensor} used before it is made"
+            assert available[ensemble_tensor] == model_inputs[model_tensor], f"{name}: {ensemble_tensor} type/dims"
+        for model_tensor, ensemble_tensor in step.output_map.items():
+            available[ensemble_tensor] = model_outputs[model_tensor]
+    for output, spec in tensors(config, "output").items():
+        assert available.get(output) == spec, f"{name}: output {output} never produced with these type/dims"
+
+
+def test_gpu_profiles_are_rendered_from_the_cpu_configs():
+    for path, text in profiles.render_all(REPOSITORY).items():
+        assert path.read_text() == text, f"{path} is stale: run python -m vocos_triton.profiles"
+        gpu = profiles.load_config(path)
+        assert [g.kind for g in gpu.instance_group] == [profiles.mc.ModelInstanceGroup.Kind.KIND_GPU]
+        cpu = CONFIGS[path.parent.parent.name]
+        gpu.ClearField("instance_group")
+        cpu_without_groups = type(cpu)()
+        cpu_without_groups.CopyFrom(cpu)
+        cpu_without_groups.ClearField("instance_group")
+        assert gpu == cpu_without_groups
+
+
+@pytest.mark.skipif(not CONTRACT_CHECKER.exists(), reason="shared contract checker not beside this checkout")
+def test_shared_contract_checker_passes():
+    result = subprocess.run([sys.executable, str(CONTRACT_CHECKER), str(REPOSITORY)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

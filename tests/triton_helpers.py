@@ -1,0 +1,30 @@
+"""Raw tritonclient calls for the server tests (the SDK has its own tests)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+def make_inputs(inputs: Dict[str, np.ndarray], batch: bool = True) -> list:
+    """``InferInput`` objects; ``batch=True`` adds the leading batch dimension of 1."""
+    made = []
+    for name, value in inputs.items():
+        value = np.ascontiguousarray(value[None] if batch else value)
+        tensor = grpcclient.InferInput(name, list(value.shape), grpcclient.np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        made.append(tensor)
+    return made
+
+
+def infer(client: grpcclient.InferenceServerClient, model: str, output: str = "waveform", batch: bool = True,
+          **inputs: np.ndarray) -> np.ndarray:
+    """One request; returns ``output`` without the batch dimension (when ``batch``)."""
+    result = client.infer(model, make_inputs(inputs, batch), client_timeout=120)
+    array = result.as_numpy(output)
+    return array[0] if batch else array
+
+
+def bandwidth_tensor(kbps: float) -> np.ndarray:
+    return np.array([kbps], dtype=np.float32)
