@@ -97,6 +97,12 @@ def test_stereo_wav_is_mixed_down(triton, capsys, tmp_path, speech_1s):
     assert ref.max_error(read_24k(tmp_path / "out" / "stereo.wav"), read_24k(tmp_path / "out" / "mono.wav")) <= 1e-5
 
 
+@pytest.mark.parametrize("command", [[], ["resynth"], ["codes"], ["mel"], ["ready"]])
+def test_help(capsys, command):
+    code, out, _ = run_cli(capsys, *command, "--help")
+    assert code == 0 and out.startswith("usage: vocos-client")
+
+
 def test_ready(triton, capsys):
     assert run_cli(capsys, "--url", triton.grpc_url, "ready")[0] == 0
     code, _, err = run_cli(capsys, "--url", f"127.0.0.1:{free_port()}", "--retries", "0", "ready")

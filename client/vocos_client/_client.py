@@ -38,7 +38,9 @@ class VocosClient:
     Args:
         url: ``HOST:PORT`` of Triton's gRPC endpoint.
         timeout: seconds one call may take in all, retries and their backoff included (``None``: no limit).
-            Each method also takes ``timeout=`` to override it for that call.
+            Each method also takes ``timeout=`` to override it for that call. Running out while the
+            server answers raises :class:`DeadlineExceededError`; while it stays unavailable, the
+            call stops before a retry would pass the deadline and raises :class:`ServerUnavailableError`.
         retries: how many times a call is resent after ``UNAVAILABLE`` (never after any other error).
         backoff: the first retry waits this many seconds, each further one twice as long (±20 % jitter).
         ssl: use a TLS channel; ``root_certificates`` (PEM file of the CA; default: gRPC's roots),

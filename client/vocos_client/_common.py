@@ -91,8 +91,9 @@ class Options:
 class Attempts:
     """The retry schedule of one call: a deadline over all attempts, exponential backoff with jitter.
 
-    Only ``UNAVAILABLE`` is retried: the request never reached a model, so resending it is safe.
-    ``INVALID_ARGUMENT`` would fail the same way again; ``DEADLINE_EXCEEDED`` means the time is spent.
+    Only ``UNAVAILABLE`` is retried (no connection, server or model not ready): synthesis has no state,
+    so resending a request is safe. ``INVALID_ARGUMENT`` would fail the same way again, and
+    ``DEADLINE_EXCEEDED`` means the time is spent.
     """
 
     def __init__(self, options: Options, timeout: Optional[float], what: str) -> None:
@@ -125,12 +126,12 @@ class Attempts:
 
     def give_up(self, error: ServerUnavailableError) -> ServerUnavailableError:
         """The error to raise after the last attempt: the server's message plus what was tried."""
-        tries = self.attempt if self.attempt <= self.options.retries else self.options.retries + 1
+        tries = self.attempt  # next_delay counted every failed attempt, the last one included
         elapsed = time.monotonic() - self.start
         final = ServerUnavailableError(
             f"{error.message} ({self.options.url}; {tries} attempt{'s' if tries != 1 else ''} in {elapsed:.1f} s)",
-            status=error.status)
-        final.attempts = tries  # type: ignore[attr-defined]
+            status=error.status, server_message=error.server_message)
+        final.attempts = tries
         final.__cause__ = error.__cause__ or error
         return final
 

@@ -82,7 +82,13 @@ class InvalidInputError(VocosError, ValueError):
 
 
 class ServerUnavailableError(VocosError):
-    """The server cannot be reached or is not ready (``UNAVAILABLE``), after all retries."""
+    """The server cannot be reached or is not ready (``UNAVAILABLE``), after all retries.
+
+    Attributes:
+        attempts: how many requests were tried before giving up (``None`` if not from a retried call).
+    """
+
+    attempts: Optional[int] = None
 
 
 class DeadlineExceededError(VocosError, TimeoutError):

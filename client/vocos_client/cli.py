@@ -60,13 +60,18 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--url", default=default("localhost:8001"), help="Triton gRPC HOST:PORT (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=default(60.0), help="seconds per request, retries included")
-    parser.add_argument("--retries", type=int, default=default(3), help="retries when the server is unavailable")
-    parser.add_argument("--concurrency", type=int, default=default(8), help="requests in flight (default 8)")
+    parser.add_argument("--url", metavar="HOST:PORT", default=default("localhost:8001"),
+                        help="Triton's gRPC endpoint (default localhost:8001)")
+    parser.add_argument("--timeout", metavar="S", type=float, default=default(60.0),
+                        help="seconds per input, retries included (default 60)")
+    parser.add_argument("--retries", metavar="N", type=int, default=default(3),
+                        help="retries while the server is unavailable (default 3)")
+    parser.add_argument("--concurrency", metavar="N", type=int, default=default(8),
+                        help="requests in flight (default 8)")
     parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
                         help="no progress bar, no list of written files")
-    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log retries and progress")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log retries and warnings (e.g. a stereo input averaged to mono)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("resynth", "audio files -> resynthesized 24 kHz wav (mel, or EnCodec with --bandwidth)", "IN.wav") \
-        .add_argument("--bandwidth", type=float, help="EnCodec kbps: 1.5, 3, 6 or 12 (default: mel path)")
+        .add_argument("--bandwidth", metavar="KBPS", type=float, help="EnCodec kbps: 1.5, 3, 6 or 12 (default: mel path)")
     command("codes", "(K, T) EnCodec codes .npy -> wav", "IN.npy") \
-        .add_argument("--bandwidth", type=float, help="kbps (default: from K: 2/4/8/16 -> 1.5/3/6/12)")
+        .add_argument("--bandwidth", metavar="KBPS", type=float, help="kbps (default: from K: 2/4/8/16 -> 1.5/3/6/12)")
     command("mel", "(100, T) log-mel .npy -> wav", "IN.npy")
     ready = commands.add_parser("ready", help="exit 0 when the server and the models are ready, else 3")
     _common(ready, suppress=True)
@@ -219,6 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except VocosError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return _exit_code(exc)
+    except SystemExit as exc:  # --help: argparse exits 0 after printing it
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130

@@ -12,21 +12,53 @@ All modules here are TorchScript-compatible (``torch.jit.script``).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
 
 
-class _LayerNorm(nn.Module):
-    """``nn.LayerNorm`` with the conditioned signature, for the mel (unconditioned) variant."""
+def _depthwise_weight(conv: nn.Conv1d) -> torch.Tensor:
+    """(C, 1, K) Conv1d weight as a (C, 1, 1, K) Conv2d weight."""
+    return conv.weight.detach()[:, :, None, :].contiguous()
 
-    def __init__(self, norm: nn.LayerNorm) -> None:
+
+def conv_time_major(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
+    """A 1-D convolution over time on a (B, T, C) tensor, returning (B, T, C') without copies.
+
+    (B, T, C) memory is a channels-last (B, C, 1, T) image, for which oneDNN's convolution is about
+    10x faster than Conv1d on the transposed tensor (which also costs two copies per call).
+    """
+    image = x.transpose(1, 2).unsqueeze(2)
+    out = nn.functional.conv2d(image, weight, bias, padding=(0, padding), groups=groups)
+    return out.squeeze(2).transpose(1, 2)
+
+
+def zero_padding_(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero frames past each item's length in a (B, T, C) tensor, in place (touches padding only)."""
+    num_frames = x.shape[1]
+    for i in range(x.shape[0]):
+        n = int(lengths[i])
+        if n < num_frames:
+            x[i, n:].zero_()
+    return x
+
+
+class _LayerNorm(nn.Module):
+    """LayerNorm whose affine part may already be folded into the following Linear."""
+
+    def __init__(self, norm: nn.LayerNorm, keep_affine: bool) -> None:
         super().__init__()
-        self.norm = norm
+        self.dim: int = norm.normalized_shape[0]
+        self.eps: float = norm.eps
+        self.keep_affine = keep_affine
+        self.register_buffer("weight", norm.weight.detach().clone())
+        self.register_buffer("bias", norm.bias.detach().clone())
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+        if self.keep_affine:
+            return nn.functional.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+        return nn.functional.layer_norm(x, (self.dim,), None, None, self.eps)
 
 
 class _AdaLayerNorm(nn.Module):
@@ -46,88 +78,125 @@ class _AdaLayerNorm(nn.Module):
         return x * scale + shift
 
 
-def _wrap_norm(norm: nn.Module) -> nn.Module:
-    return _AdaLayerNorm(norm) if hasattr(norm, "scale") else _LayerNorm(norm)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, onednn: bool) -> torch.Tensor:
+    """``x @ weight.T + bias``, then ``activation`` ("gelu" or "none").
+
+    On the CPU this runs as one oneDNN matmul with the activation fused into it (the op PyTorch's
+    own compiler emits): about 2x faster than ``F.linear`` + ``F.gelu`` here, same arithmetic to ~1e-7.
+    """
+    if onednn and x.device.type == "cpu":
+        no_scalars: List[Optional[Union[float, int, complex]]] = []
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, no_scalars, "none")
+    y = nn.functional.linear(x, weight, bias)
+    return nn.functional.gelu(y) if activation == "gelu" else y
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class _ConvNeXtBlock(nn.Module):
-    """``vocos.modules.ConvNeXtBlock`` on the reference's own submodules; input already masked."""
+    """``vocos.modules.ConvNeXtBlock`` on (B, T, C) with the reference's weights, folded where exact in
+    real arithmetic: an unconditioned LayerNorm's affine into ``pwconv1``, ``gamma`` into ``pwconv2``."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
-        self.dwconv = block.dwconv
-        self.norm = _wrap_norm(block.norm)
-        self.pwconv1 = block.pwconv1
-        self.act = block.act
-        self.pwconv2 = block.pwconv2
-        gamma = block.gamma if block.gamma is not None else torch.ones(block.dwconv.out_channels)
-        self.gamma = nn.Parameter(gamma.detach().clone(), requires_grad=False)
+        self.channels: int = block.dwconv.out_channels
+        self.register_buffer("dw_weight", _depthwise_weight(block.dwconv))
+        self.register_buffer("dw_bias", block.dwconv.bias.detach().clone())
+        w1, b1 = block.pwconv1.weight.detach(), block.pwconv1.bias.detach()
+        if isinstance(block.norm, nn.LayerNorm):
+            self.norm = _LayerNorm(block.norm, keep_affine=False)
+            # W (g * x + b) + c == (W * g) x + (W b + c)
+            w1, b1 = w1 * block.norm.weight.detach()[None, :], b1 + w1 @ block.norm.bias.detach()
+        else:
+            self.norm = _AdaLayerNorm(block.norm)
+        if not isinstance(block.act, nn.GELU) or block.act.approximate != "none":
+            raise ValueError("the ConvNeXt blocks of vocos use the exact GELU")
+        w2, b2 = block.pwconv2.weight.detach(), block.pwconv2.bias.detach()
+        if block.gamma is not None:
+            gamma = block.gamma.detach()
+            w2, b2 = w2 * gamma[:, None], b2 * gamma
+        for name, value in (("pw1_weight", w1), ("pw1_bias", b1), ("pw2_weight", w2), ("pw2_bias", b2)):
+            self.register_buffer(name, value.contiguous().clone())
+        self.onednn: bool = onednn_available()
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        residual = x
-        x = self.dwconv(x).transpose(1, 2)
-        x = self.norm(x, condition)
-        x = self.pwconv2(self.act(self.pwconv1(x)))
-        return residual + (self.gamma * x).transpose(1, 2)
+        y = conv_time_major(x, self.dw_weight, self.dw_bias, 3, self.channels)
+        y = linear(self.norm(y, condition), self.pw1_weight, self.pw1_bias, "gelu", self.onednn)
+        return x + linear(y, self.pw2_weight, self.pw2_bias, "none", self.onednn)
 
 
 class MaskedBackbone(nn.Module):
     """``vocos.models.VocosBackbone`` over a padded batch.
 
-    forward(x (B, C, T), mask (B, 1, T) with 1 on real frames, condition (B,)) -> (B, T, H).
+    forward(x (B, C, T), lengths (B,) frames, condition (B,)) -> (B, T, H). Frames past an item's
+    length are zeroed before every convolution, which is what the item alone sees as zero padding.
     """
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.embed = backbone.embed
-        self.norm = _wrap_norm(backbone.norm)
+        embed = backbone.embed
+        self.register_buffer("embed_weight", embed.weight.detach()[:, :, None, :].contiguous())
+        self.register_buffer("embed_bias", embed.bias.detach().clone())
+        self.embed_padding: int = embed.padding[0]
+        self.norm = _AdaLayerNorm(backbone.norm) if hasattr(backbone.norm, "scale") else _LayerNorm(backbone.norm, True)
         self.blocks = nn.ModuleList([_ConvNeXtBlock(block) for block in backbone.convnext])
         self.final_layer_norm = backbone.final_layer_norm
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x * mask)
-        x = self.norm(x.transpose(1, 2), condition).transpose(1, 2)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        x = zero_padding_(x.transpose(1, 2).contiguous(), lengths)
+        x = conv_time_major(x, self.embed_weight, self.embed_bias, self.embed_padding, 1)
+        x = zero_padding_(self.norm(x, condition), lengths)
         for block in self.blocks:
-            # Each block starts with a depthwise conv: it must see zeros past the item's end,
-            # as the item alone sees its zero padding.
-            x = block(x * mask, condition)
-        return self.final_layer_norm(x.transpose(1, 2))
+            x = zero_padding_(block(x, condition), lengths)
+        return self.final_layer_norm(x)
 
 
 class BatchedISTFTHead(nn.Module):
     """``vocos.heads.ISTFTHead`` with per-item frame counts.
 
     forward(x (B, T, H), frame_mask (B, T)) -> (B, L) where item b's first ``samples(T_b)`` samples
-    are its audio. Padding "center" gives (T - 1) * hop samples, "same" gives T * hop.
+    are its audio. Padding "center" gives (T - 1) * hop samples, "same" gives T * hop. Padded
+    frames are dropped from the overlap-add and from each item's window envelope.
     """
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         istft = head.istft
-        self.out = head.out
+        if istft.n_fft != istft.win_length or istft.win_length % istft.hop_length:
+            raise ValueError("overlap-add by hop-sized slices needs win_length == n_fft, a multiple of hop_length")
+        self.register_buffer("out_weight", head.out.weight.detach().clone())
+        self.register_buffer("out_bias", head.out.bias.detach().clone())
+        self.onednn: bool = onednn_available()
         self.n_fft: int = istft.n_fft
         self.hop_length: int = istft.hop_length
-        self.win_length: int = istft.win_length
+        self.overlap: int = istft.win_length // istft.hop_length
         self.register_buffer("window", istft.window.detach().clone())
         # torch.istft(center=True) drops n_fft // 2 samples at both ends; vocos' "same" drops (win - hop) // 2.
         self.trim: int = istft.n_fft // 2 if istft.padding == "center" else (istft.win_length - istft.hop_length) // 2
 
+    def overlap_add(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_fft) -> (B, (T - 1) * hop + n_fft): ``fold`` as ``overlap`` contiguous slice-adds."""
+        batch, num_frames = frames.shape[0], frames.shape[1]
+        chunks = frames.reshape(batch, num_frames, self.overlap, self.hop_length)
+        out = torch.zeros(batch, num_frames + self.overlap - 1, self.hop_length, dtype=frames.dtype, device=frames.device)
+        for k in range(self.overlap):
+            out[:, k : k + num_frames] += chunks[:, :, k]
+        return out.reshape(batch, -1)
+
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        x = self.out(x).transpose(1, 2)
-        mag, phase = x.chunk(2, dim=1)
-        mag = torch.clip(torch.exp(mag), max=1e2)
-        spec = mag * (torch.cos(phase) + 1j * torch.sin(phase))
-        spec = spec * frame_mask[:, None, :]
-        num_frames = spec.shape[-1]
-        frames = torch.fft.irfft(spec, self.n_fft, dim=1, norm="backward") * self.window[None, :, None]
-        output_size = (num_frames - 1) * self.hop_length + self.win_length
-        y = nn.functional.fold(
-            frames, output_size=(1, output_size), kernel_size=(1, self.win_length), stride=(1, self.hop_length)
-        )[:, 0, 0, self.trim : output_size - self.trim]
-        window_sq = self.window.square()[None, :, None] * frame_mask[:, None, :]
-        envelope = nn.functional.fold(
-            window_sq, output_size=(1, output_size), kernel_size=(1, self.win_length), stride=(1, self.hop_length)
-        )[:, 0, 0, self.trim : output_size - self.trim]
+        x = linear(x, self.out_weight, self.out_bias, "none", self.onednn)
+        half = self.n_fft // 2 + 1
+        mag = torch.clip(torch.exp(x[:, :, :half]), max=1e2) * frame_mask[:, :, None]
+        phase = x[:, :, half:]
+        # mag * (cos + 1j sin), as the reference computes it, without the complex multiply
+        spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
+        frames = torch.fft.irfft(spec, self.n_fft, dim=-1, norm="backward") * self.window
+        y = self.overlap_add(frames)
+        envelope = self.overlap_add(self.window.square()[None, None, :] * frame_mask[:, :, None])
+        end = y.shape[-1] - self.trim
+        y, envelope = y[:, self.trim : end], envelope[:, self.trim : end]
         # Past an item's end its envelope is 0: those samples are cut off by the caller.
         return torch.where(envelope > 1e-11, y / envelope, torch.zeros_like(y))
 
@@ -154,9 +223,8 @@ class BatchedVocos(nn.Module):
         self.hop_length: int = vocos.head.istft.hop_length
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        mask = frame_mask(lengths, features.shape[-1])
-        x = self.backbone(features, mask[:, None, :], condition)
-        return self.head(x, mask)
+        x = self.backbone(features, lengths, condition)
+        return self.head(x, frame_mask(lengths, features.shape[-1]))
 
     @torch.jit.export
     def output_samples(self, lengths: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,394 @@
+"""Locust load test for Vocos on Triton: closed-loop gRPC users, one user class per serving path.
+
+Run headless against a running server (``make load-test`` does this for you, with its own server)::
+
+    locust -f load_tests/locustfile.py --headless -u 8 -r 4 -t 60s --host 127.0.0.1:8001 \\
+        --paths vocos_mel:2,decode_codes --csv results/run/locust --html results/run/report.html
+
+Each request is reported to Locust as ``request_type="grpc"``, ``name=<path>``, with its latency and
+``response_length`` = output samples (so Locust's "Average size" column is samples at 24 kHz). On top
+of Locust's statistics, the audio seconds produced per wall second are logged at test stop and written
+next to the CSV files (``<csv prefix>_audio.json`` and ``_audio.csv``).
+
+Inputs are real speech (espeak-ng, :func:`vocos_triton.speech.speech_clip`) of 1–15 s, made once at
+start-up; the log-mels for ``vocos_mel`` come from the server's own ``mel_features`` model, so this
+process needs no torch.
+"""
+from __future__ import annotations
+
+# Locust has monkey-patched the standard library by the time it imports this file. gRPC's C core
+# polls with its own threads unless told to cooperate with gevent; without this call a blocking
+# grpc call parks the whole process (every greenlet) until it returns, so "8 users" would send one
+# request at a time. It must run before any grpc channel exists, i.e. before tritonclient is used.
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()
+
+import csv  # noqa: E402  (imports after init_gevent on purpose)
+import itertools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+from locust import User, events, task  # noqa: E402
+from locust.env import Environment  # noqa: E402
+from locust.runners import MasterRunner  # noqa: E402
+
+from vocos_triton.contract import (  # noqa: E402
+    BANDWIDTHS,
+    CODEBOOK_SIZE,
+    CODEBOOKS,
+    SAMPLE_RATE,
+    encodec_frames,
+    encodec_waveform_samples,
+    mel_frames,
+    mel_waveform_samples,
+)
+from vocos_triton.speech import speech_clip  # noqa: E402
+
+log = logging.getLogger("vocos_load_test")
+
+PATHS = ("vocos_mel", "resynthesize_mel", "decode_codes", "resynthesize_encodec")
+DEFAULT_PATHS = ",".join(PATHS)
+OUTPUT = "waveform"
+
+
+class BadResponse(AssertionError):
+    """The server answered, but not with the waveform the contract promises (counted as a failure)."""
+
+
+def strip_host(host: Optional[str]) -> str:
+    """``grpc://127.0.0.1:8001/`` -> ``127.0.0.1:8001`` (tritonclient wants ``host:port``)."""
+    if not host:
+        raise ValueError("no target: pass --host HOST:PORT (the server's gRPC address, e.g. 127.0.0.1:8001)")
+    for prefix in ("grpc://", "grpcs://", "http://", "https://"):
+        if host.startswith(prefix):
+            host = host[len(prefix):]
+            break
+    return host.rstrip("/")
+
+
+def parse_paths(spec: str) -> Dict[str, float]:
+    """``"vocos_mel:3,decode_codes"`` -> ``{"vocos_mel": 3.0, "decode_codes": 1.0}`` (weights per path)."""
+    weights: Dict[str, float] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, weight = item.partition(":")
+        name = name.strip()
+        if name not in PATHS:
+            raise ValueError(f"--paths: unknown path {name!r}; expected some of {', '.join(PATHS)}")
+        value = float(weight) if weight else 1.0
+        if value < 0:
+            raise ValueError(f"--paths: weight of {name} must be >= 0, got {value:g}")
+        weights[name] = value
+    if not any(weights.values()):
+        raise ValueError(f"--paths: no path with a positive weight in {spec!r}")
+    return weights
+
+
+def clip_lengths(pool_size: int, min_seconds: float, max_seconds: float, seed: int) -> List[int]:
+    """Sample counts spread geometrically over [min, max] s: more short clips than long ones, as in TTS.
+
+    A per-clip random offset keeps lengths off multiples of the hops (256, 320), where trimming bugs hide.
+    """
+    if pool_size < 1 or not 0 < min_seconds <= max_seconds:
+        raise ValueError(f"bad clip pool: size {pool_size}, {min_seconds:g}-{max_seconds:g} s")
+    rng = np.random.default_rng(seed)
+    seconds = np.geomspace(min_seconds, max_seconds, pool_size)
+    lengths = [int(s * SAMPLE_RATE) - int(rng.integers(0, 320)) for s in seconds]
+    return [max(length, SAMPLE_RATE // 2) for length in lengths]
+
+
+def make_inputs(**tensors: np.ndarray) -> List[grpcclient.InferInput]:
+    """``InferInput`` objects with the leading batch dimension of 1 added.
+
+    They are built once and shared by every user: tritonclient only reads them while building a
+    request, and reusing them saves the client process a serialisation per request (it shares the
+    two cores with the server).
+    """
+    made = []
+    for name, value in tensors.items():
+        value = np.ascontiguousarray(value[None])
+        tensor = grpcclient.InferInput(name, list(value.shape), grpcclient.np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        made.append(tensor)
+    return made
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    inputs: List[grpcclient.InferInput]
+    expected_samples: int
+
+
+@dataclass
+class RequestPool:
+    """Ready-to-send requests per path, drawn at random by the users."""
+
+    requests: Dict[str, List[PreparedRequest]] = field(default_factory=dict)
+    input_seconds: List[float] = field(default_factory=list)
+
+    def pick(self, path: str, rng: random.Random) -> PreparedRequest:
+        return rng.choice(self.requests[path])
+
+
+def build_pool(url: str, paths: Sequence[str], pool_size: int, min_seconds: float, max_seconds: float,
+               seed: int, timeout_s: float) -> RequestPool:
+    """Speech clips, their log-mels (from the server's ``mel_features``) and the requests of each path."""
+    # Synthesise first: espeak-ng runs as a subprocess, and a fork after a gevent-mode grpc channel
+    # exists aborts the child (SIGABRT in grpc's fork handler), so no channel may be open yet.
+    lengths = clip_lengths(pool_size, min_seconds, max_seconds, seed)
+    clips = [speech_clip(length, seed=seed + index) for index, length in enumerate(lengths)]
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        wanted = set(paths) | ({"mel_features"} if "vocos_mel" in paths else set())
+        for model in sorted(wanted):
+            if not client.is_model_ready(model, client_timeout=timeout_s):
+                raise RuntimeError(f"{url}: model {model} is not ready (is the repository built and loaded?)")
+        rng = np.random.default_rng(seed + 1)
+        bandwidth_inputs = {b: np.array([b], dtype=np.float32) for b in BANDWIDTHS}
+        pool = RequestPool({path: [] for path in paths})
+        for audio in clips:
+            length = audio.shape[0]
+            pool.input_seconds.append(length / SAMPLE_RATE)
+            if "vocos_mel" in paths:
+                result = client.infer("mel_features", make_inputs(audio=audio), client_timeout=timeout_s)
+                mel = np.ascontiguousarray(result.as_numpy("mel")[0], dtype=np.float32)
+                if mel.shape != (100, mel_frames(length)):
+                    raise RuntimeError(f"mel_features returned shape {mel.shape} for {length} samples")
+                pool.requests["vocos_mel"].append(
+                    PreparedRequest(make_inputs(mel=mel), mel_waveform_samples(mel.shape[1])))
+            if "resynthesize_mel" in paths:
+                pool.requests["resynthesize_mel"].append(
+                    PreparedRequest(make_inputs(audio=audio), mel_waveform_samples(mel_frames(length))))
+            frames = encodec_frames(length)
+            for bandwidth, k in zip(BANDWIDTHS, CODEBOOKS):
+                if "decode_codes" in paths:
+                    # Random codes cost the vocoder exactly what real ones do; the values do not matter here.
+                    codes = rng.integers(0, CODEBOOK_SIZE, size=(k, frames), dtype=np.int64)
+                    pool.requests["decode_codes"].append(PreparedRequest(
+                        make_inputs(codes=codes, bandwidth=bandwidth_inputs[bandwidth]),
+                        encodec_waveform_samples(frames)))
+                if "resynthesize_encodec" in paths:
+                    pool.requests["resynthesize_encodec"].append(PreparedRequest(
+                        make_inputs(audio=audio, bandwidth=bandwidth_inputs[bandwidth]),
+                        encodec_waveform_samples(frames)))
+        return pool
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command-line options (also settable as environment variables, e.g. LOCUST_PATHS=vocos_mel,decode_codes)
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    group = parser.add_argument_group("Vocos on Triton")
+    group.add_argument("--paths", default=DEFAULT_PATHS, env_var="LOCUST_PATHS",
+                       help="serving paths to load, optionally weighted: 'vocos_mel:3,decode_codes' "
+                            f"(default: all four, equal weights; paths: {DEFAULT_PATHS})")
+    group.add_argument("--request-timeout", type=float, default=60.0, env_var="LOCUST_REQUEST_TIMEOUT",
+                       help="per-request gRPC deadline in seconds; a late answer counts as a failure (default 60)")
+    group.add_argument("--think-time", type=float, default=0.0, env_var="LOCUST_THINK_TIME",
+                       help="seconds each user waits between requests (default 0: closed loop at saturation)")
+    group.add_argument("--pool-size", type=int, default=12, env_var="LOCUST_POOL_SIZE",
+                       help="number of distinct speech clips (default 12)")
+    group.add_argument("--min-seconds", type=float, default=1.0, env_var="LOCUST_MIN_SECONDS",
+                       help="shortest clip in seconds (default 1)")
+    group.add_argument("--max-seconds", type=float, default=15.0, env_var="LOCUST_MAX_SECONDS",
+                       help="longest clip in seconds (default 15)")
+    group.add_argument("--pool-seed", type=int, default=0, env_var="LOCUST_POOL_SEED",
+                       help="seed of the clips, codes and request order (default 0)")
+    group.add_argument("--audio-stats", default="", env_var="LOCUST_AUDIO_STATS",
+                       help="path prefix of the audio-throughput files (default: the --csv prefix + '_audio')")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Users
+
+class _State:
+    """What the users share: filled in by the init and test_start listeners."""
+
+    url: str = ""
+    pool: Optional[RequestPool] = None
+    timeout_s: float = 60.0
+    seed: int = 0
+    users_started = itertools.count()
+    started_at: Optional[float] = None
+
+
+STATE = _State()
+
+
+class TritonPathUser(User):
+    """One simulated client of one path: a gRPC channel of its own, requests back to back."""
+
+    abstract = True
+    path: str = ""
+
+    def wait_time(self) -> float:  # think time is a command-line option, so it is read at run time
+        options = self.environment.parsed_options
+        return options.think_time if options is not None else 0.0
+
+    def on_start(self) -> None:
+        self.client = grpcclient.InferenceServerClient(STATE.url)
+        # Per-user streams of choices, reproducible for a given seed and spawn order.
+        self.rng = random.Random(STATE.seed * 1_000_003 + next(STATE.users_started))
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def infer(self) -> None:
+        assert STATE.pool is not None, "the request pool is built by the init listener"
+        request = STATE.pool.pick(self.path, self.rng)
+        exception: Optional[BaseException] = None
+        samples = 0
+        started = time.perf_counter()
+        try:
+            result = self.client.infer(self.path, request.inputs, client_timeout=STATE.timeout_s)
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            waveform = result.as_numpy(OUTPUT)
+            if waveform is None or waveform.shape != (1, request.expected_samples):
+                shape = None if waveform is None else waveform.shape
+                raise BadResponse(f"{self.path}: expected waveform (1, {request.expected_samples}), got {shape}")
+            if not np.isfinite(waveform).all():
+                raise BadResponse(f"{self.path}: waveform has NaN/Inf")
+            samples = request.expected_samples
+        except Exception as exc:  # every failure is Locust's to count, never the user greenlet's death
+            exception = exc
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+        self.environment.events.request.fire(
+            request_type="grpc", name=self.path, response_time=elapsed_ms, response_length=samples,
+            exception=exception, context={})
+
+
+class VocosMelUser(TritonPathUser):
+    """``vocos_mel``: a (100, T) log-mel in, as an acoustic model would send."""
+
+    path = "vocos_mel"
+
+
+class ResynthesizeMelUser(TritonPathUser):
+    """``resynthesize_mel``: audio in, mel_features -> vocos_mel."""
+
+    path = "resynthesize_mel"
+
+
+class DecodeCodesUser(TritonPathUser):
+    """``decode_codes``: (K, T) EnCodec codes + bandwidth in, e.g. Bark fine tokens."""
+
+    path = "decode_codes"
+
+
+class ResynthesizeEncodecUser(TritonPathUser):
+    """``resynthesize_encodec``: audio + bandwidth in, encodec_encoder -> encodec_embedding -> vocos_encodec."""
+
+    path = "resynthesize_encodec"
+
+
+USER_CLASSES = {cls.path: cls for cls in (VocosMelUser, ResynthesizeMelUser, DecodeCodesUser, ResynthesizeEncodecUser)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lifecycle: build the pool before the clock starts, measure audio throughput, write it out
+
+@events.init.add_listener
+def _on_init(environment: Environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    if options is None:  # Locust used as a library without our options: all paths, defaults
+        weights, timeout_s, seed = parse_paths(DEFAULT_PATHS), 60.0, 0
+        pool_args: Tuple[int, float, float] = (12, 1.0, 15.0)
+    else:
+        weights, timeout_s, seed = parse_paths(options.paths), options.request_timeout, options.pool_seed
+        pool_args = (options.pool_size, options.min_seconds, options.max_seconds)
+    # Weights come from --paths; classes the user did not ask for leave the run entirely.
+    for path, cls in USER_CLASSES.items():
+        cls.weight = weights.get(path, 0.0)
+    environment.user_classes[:] = [cls for cls in environment.user_classes if cls.weight > 0]
+    if not environment.user_classes:
+        raise ValueError("no user class left to run: check --paths and the user classes named on the command line")
+    selected = [cls.path for cls in environment.user_classes]
+    STATE.url = strip_host(environment.host)
+    STATE.timeout_s = timeout_s
+    STATE.seed = seed
+    if isinstance(environment.runner, MasterRunner):
+        return  # a master only aggregates; its workers send the requests and build their own pools
+    # Built here, not in test_start: init runs before the --run-time clock starts, so start-up work
+    # (speech synthesis, one mel_features call per clip) does not eat into the measured run.
+    began = time.perf_counter()
+    STATE.pool = build_pool(STATE.url, selected, *pool_args, seed=seed, timeout_s=timeout_s)
+    seconds = STATE.pool.input_seconds
+    log.info("request pool ready in %.1f s: %d clips of %.1f-%.1f s (mean %.1f s) for %s at %s",
+             time.perf_counter() - began, len(seconds), min(seconds), max(seconds),
+             sum(seconds) / len(seconds), ", ".join(selected), STATE.url)
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Environment, **_kwargs) -> None:
+    STATE.started_at = time.time()
+
+
+def audio_throughput(environment: Environment, wall_seconds: float) -> List[dict]:
+    """Per path and in total: requests, audio seconds produced and audio seconds per wall second.
+
+    Computed from Locust's own statistics (``response_length`` is samples), so it also holds on a
+    distributed master, whose statistics are the sum of its workers'.
+    """
+    rows = []
+    total_samples = total_requests = total_failures = 0
+    for path in PATHS:
+        entry = environment.stats.entries.get((path, "grpc"))
+        if entry is None:
+            continue
+        total_samples += entry.total_content_length
+        total_requests += entry.num_requests
+        total_failures += entry.num_failures
+        rows.append(_throughput_row(path, entry.num_requests, entry.num_failures, entry.total_content_length,
+                                    wall_seconds))
+    rows.append(_throughput_row("Aggregated", total_requests, total_failures, total_samples, wall_seconds))
+    return rows
+
+
+def _throughput_row(name: str, requests: int, failures: int, samples: int, wall_seconds: float) -> dict:
+    audio_seconds = samples / SAMPLE_RATE
+    return {
+        "path": name,
+        "requests": requests,
+        "failures": failures,
+        "audio_seconds": round(audio_seconds, 3),
+        "wall_seconds": round(wall_seconds, 3),
+        "audio_seconds_per_second": round(audio_seconds / wall_seconds, 3) if wall_seconds > 0 else 0.0,
+    }
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Environment, **_kwargs) -> None:
+    if STATE.started_at is None:
+        return
+    wall_seconds = time.time() - STATE.started_at
+    rows = audio_throughput(environment, wall_seconds)
+    lines = [f"{'path':<22} {'requests':>8} {'failures':>8} {'audio s':>9} {'audio-s/s':>9}"]
+    lines += [f"{r['path']:<22} {r['requests']:>8} {r['failures']:>8} {r['audio_seconds']:>9.1f} "
+              f"{r['audio_seconds_per_second']:>9.2f}" for r in rows]
+    log.info("audio produced per wall second over %.1f s:\n%s", wall_seconds, "\n".join(lines))
+    options = environment.parsed_options
+    prefix = ""
+    if options is not None:
+        prefix = options.audio_stats or (f"{options.csv_prefix}_audio" if options.csv_prefix else "")
+    if prefix:
+        target = Path(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.with_name(target.name + ".json").write_text(json.dumps(
+            {"wall_seconds": round(wall_seconds, 3), "sample_rate": SAMPLE_RATE, "paths": rows}, indent=2) + "\n")
+        with open(target.with_name(target.name + ".csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
