@@ -105,6 +105,18 @@ def tensor_of(message: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
+# How tritonserver 2.51 reports a model whose Python-backend stub died (until the server's watchdog
+# reloads it) and a model that is being reloaded. Neither request ran, and the model comes back in
+# seconds, so both are "unavailable, retry" rather than permanent errors.
+_STUB_DIED = re.compile(r"Stub process '[^']+' is not healthy")
+_NO_VERSION_LOADED = re.compile(r"Request for unknown model: '[^']+' has no available versions")
+
+
+def _model_restarting(status: Optional[str], message: str) -> bool:
+    return (status == "StatusCode.INTERNAL" and bool(_STUB_DIED.search(message))) or (
+        status == "StatusCode.NOT_FOUND" and bool(_NO_VERSION_LOADED.search(message)))
+
+
 def from_triton(exc: InferenceServerException) -> VocosError:
     """Map a tritonclient exception to our hierarchy by its gRPC status, keeping the server's message."""
     status = exc.status()
@@ -112,7 +124,7 @@ def from_triton(exc: InferenceServerException) -> VocosError:
     message = _TRITON_PREFIXES.sub("", raw, count=1) or raw
     if status == INVALID_ARGUMENT:
         return InvalidInputError(message, tensor=tensor_of(message), status=status, server_message=raw)
-    if status == UNAVAILABLE:
+    if status == UNAVAILABLE or _model_restarting(status, raw):
         return ServerUnavailableError(message, status=status, server_message=raw)
     if status == DEADLINE_EXCEEDED:
         return DeadlineExceededError(message, status=status, server_message=raw)

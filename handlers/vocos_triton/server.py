@@ -21,12 +21,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, List, Optional, Sequence
+from typing import IO, Dict, List, Optional, Sequence, Tuple
+
+from .memory import process_tree
 
 log = logging.getLogger("vocos_triton.server")
 
@@ -106,6 +109,79 @@ def random_weight_models(repository: Path) -> List[str]:
     return flagged
 
 
+def _is_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (tritonserver does not reap dead stubs)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def python_stubs(server_pid: int) -> Dict[int, str]:
+    """pid -> model name of every live Python-backend stub under ``server_pid``."""
+    stubs = {}
+    for pid in process_tree(server_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if Path(argv[0].decode()).name == "triton_python_backend_stub" and len(argv) > 1 and _is_running(pid):
+            stubs[pid] = Path(argv[1].decode()).parent.parent.name  # <repo>/<model>/<version>/model.py
+    return stubs
+
+
+class StubWatchdog(threading.Thread):
+    """Restores a model whose Python-backend stub process died.
+
+    tritonserver 2.51 never restarts a dead stub: the model stays READY and fails every request
+    ("Stub process ... is not healthy") for ever. The watchdog polls the stubs' processes and, when one
+    is gone, unloads and loads its model through the repository API (the server runs in explicit
+    model-control mode), which starts a new stub in a few seconds. Meanwhile requests fail in ways the
+    client SDK retries.
+    """
+
+    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.5) -> None:
+        super().__init__(name="stub-watchdog", daemon=True)
+        self.server_pid = server_pid
+        self.http_url = http_url
+        self.interval_s = interval_s
+        self.restarts: List[Tuple[str, float]] = []  # (model, seconds from noticing to loaded)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def _repository_call(self, model: str, action: str) -> None:
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            response.read()
+
+    def restore(self, model: str) -> None:
+        started = time.monotonic()
+        log.warning("stub of model %r died; reloading it", model)
+        try:
+            self._repository_call(model, "unload")
+            self._repository_call(model, "load")
+        except (urllib.error.URLError, OSError) as exc:
+            log.error("could not reload model %r: %s", model, exc)
+            return
+        elapsed = time.monotonic() - started
+        self.restarts.append((model, elapsed))
+        log.warning("model %r reloaded in %.1f s", model, elapsed)
+
+    def run(self) -> None:
+        known = python_stubs(self.server_pid)
+        while not self._stop_event.wait(self.interval_s):
+            if not _is_running(self.server_pid):
+                return
+            dead_models = sorted({model for pid, model in known.items() if not _is_running(pid)})
+            for model in dead_models:
+                self.restore(model)
+            known = python_stubs(self.server_pid)
+
+
 @dataclass
 class ServerOptions:
     model_repository: Path = DEFAULT_REPOSITORY
@@ -117,6 +193,7 @@ class ServerOptions:
     build_dir: Path = DEFAULT_BUILD_DIR
     exit_timeout_s: int = 30
     log_verbose: int = 0
+    watchdog: bool = True  # reload models whose stub process died
     extra_args: List[str] = field(default_factory=list)
 
 
@@ -127,6 +204,7 @@ class TritonServer:
         self.options = options
         self.log_file = log_file
         self.process: Optional[subprocess.Popen] = None
+        self.watchdog: Optional[StubWatchdog] = None
         self._log_handle: Optional[IO[bytes]] = None
 
     @property
@@ -188,6 +266,9 @@ class TritonServer:
             self.command(distribution, backend_dir), env=self.environment(distribution),
             stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True)
         self.wait_ready(ready_timeout_s)
+        if o.watchdog:
+            self.watchdog = StubWatchdog(self.process.pid, self.http_url)
+            self.watchdog.start()
         return self
 
     def is_ready(self) -> bool:
@@ -211,6 +292,9 @@ class TritonServer:
 
     def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
         """SIGTERM, then wait (a dead stub makes Triton wait its exit timeout), then SIGKILL."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         process, self.process = self.process, None
         code = None
         if process is not None and process.poll() is None:

@@ -1,0 +1,62 @@
+"""Memory of a server and its stub processes, as PSS (proportional set size).
+
+Every Python-backend model instance is its own stub process, and most of a stub's RSS is shared
+library pages (torch); summing RSS would count those once per stub. PSS splits each shared page
+between the processes that map it, so the sum over the process tree is the real footprint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Union
+
+
+def _children(pid: int) -> List[int]:
+    children: List[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
+def process_tree(pid: int) -> List[int]:
+    """``pid`` and all its descendants."""
+    pids, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        pids.append(current)
+        stack.extend(_children(current))
+    return pids
+
+
+def pss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _name(pid: int) -> str:
+    """A readable name: the stub's model (its first argument's model folder) or the command."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    command = Path(argv[0].decode()).name
+    if command == "triton_python_backend_stub" and len(argv) > 1:
+        return f"stub {Path(argv[1].decode()).parent.parent.name}"
+    return command
+
+
+def process_tree_pss(pid: int) -> Dict[str, Union[float, Dict[str, float]]]:
+    """PSS of ``pid`` and its descendants: ``{"total_mb": ..., "processes": {name: mb}}``."""
+    processes: Dict[str, float] = {}
+    for child in process_tree(pid):
+        try:
+            mb = pss_kb(child) / 1024
+        except OSError:  # exited meanwhile
+            continue
+        name = _name(child)
+        processes[name] = processes.get(name, 0.0) + mb
+    return {"total_mb": sum(processes.values()), "processes": processes}

@@ -1,0 +1,230 @@
+"""Side-by-side benchmark: reference eager ``vocos`` vs our TorchScript modules in-process vs Triton.
+
+One run, same machine, same weights (the ones ``model_repository/`` was built from, found through
+its provenance files). For both variants (mel: mel -> waveform; EnCodec: codes -> waveform), 1 s and
+10 s clips, batch 1 and 8, it measures throughput as a real-time factor (audio seconds per wall
+second), interleaving the systems round by round so that machine noise hits all of them alike
+(warm-up rounds, then the median of ``--repeats``). Triton runs at concurrency 1 (batch 1) and 8
+(batch 8: eight concurrent single-item requests that the server batches), through ``VocosClient``.
+
+It prints the table with the ratios between the columns, the latency Triton + client add to a
+1 s clip, the server's memory (PSS over tritonserver and its stubs), optionally the fidelity and speed
+of the int8 vocoder (``--int8``), and writes ``bench.json`` + ``bench.png`` into ``--out``.
+
+    python load_tests/bench.py [--repository model_repository] [--repeats 9] [--out results/bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from vocos_triton import checkpoints as ck
+from vocos_triton.contract import SAMPLE_RATE
+from vocos_triton.export import ARTIFACT, PROVENANCE
+from vocos_triton.memory import process_tree_pss
+from vocos_triton.server import ServerOptions, TritonServer, free_port
+from vocos_triton.speech import speech_clip
+
+log = logging.getLogger("bench")
+BANDWIDTH = 6.0  # 8 codebooks, Bark's fine tokens
+
+
+@dataclass
+class Case:
+    variant: str  # "mel" or "encodec"
+    seconds: int
+    batch: int
+    runners: Dict[str, Callable[[], object]] = field(default_factory=dict)
+    times: Dict[str, List[float]] = field(default_factory=dict)
+
+    @property
+    def audio_seconds(self) -> float:
+        return float(self.seconds * self.batch)
+
+    def rtf(self, system: str) -> float:
+        return self.audio_seconds / statistics.median(self.times[system])
+
+
+def _sources(repository: Path, model: str) -> Dict[str, dict]:
+    return json.loads((repository / model / "1" / PROVENANCE).read_text())["sources"]
+
+
+def load_references(repository: Path):
+    """The reference ``vocos.Vocos`` objects built from the checkpoints the repository was built from."""
+    mel_source = _sources(repository, "vocos_mel")["vocos_mel"]["directory"]
+    encodec_sources = _sources(repository, "vocos_encodec")
+    reference_mel = ck.build_reference_vocos(ck.load_vocos_checkpoint(mel_source, "mel"))
+    reference_encodec = ck.build_reference_vocos(
+        ck.load_vocos_checkpoint(encodec_sources["vocos_encodec"]["directory"], "encodec"),
+        ck.load_encodec_checkpoint(encodec_sources["encodec_24khz"]["path"]))
+    return reference_mel, reference_encodec
+
+
+def build_cases(repository: Path, reference_mel, reference_encodec, client, seconds_list, batches) -> List[Case]:
+    load = lambda name: torch.jit.load(str(repository / name / "1" / ARTIFACT)).eval()  # noqa: E731
+    vocos_mel, embedding, vocos_encodec = load("vocos_mel"), load("encodec_embedding"), load("vocos_encodec")
+    bandwidth_id = torch.tensor([2])
+    cases = []
+    for seconds in seconds_list:
+        audio = torch.from_numpy(speech_clip(seconds * SAMPLE_RATE, seed=seconds))[None]
+        with torch.inference_mode():
+            mel = reference_mel.feature_extractor(audio)  # (1, 100, T)
+            reference_encodec.feature_extractor.encodec.set_target_bandwidth(BANDWIDTH)
+            codes = reference_encodec.feature_extractor.get_encodec_codes(audio)  # (8, 1, T)
+        for batch in batches:
+            mels, batch_codes = mel.repeat(batch, 1, 1), codes.repeat(1, batch, 1)
+            frames = torch.full((batch,), mel.shape[-1])
+            code_frames = torch.full((batch,), codes.shape[-1])
+            zeros, ids, k = torch.zeros(batch, dtype=torch.long), bandwidth_id.repeat(batch), torch.full((batch,), 8)
+            codes_bkt = batch_codes.transpose(0, 1).contiguous()
+            mel_items = [m.numpy() for m in mels]
+            code_items = [{"codes": c.numpy(), "bandwidth": BANDWIDTH} for c in codes_bkt]
+            cases.append(Case("mel", seconds, batch, {
+                "reference": lambda m=mels: reference_mel.decode(m),
+                "in-process": lambda m=mels, f=frames, z=zeros: vocos_mel(m, f, z),
+                "triton": (lambda i=mel_items: client.synthesize(mel=i[0])) if batch == 1
+                else (lambda i=mel_items: client.synthesize_batch(i, max_concurrency=batch)),
+            }))
+            cases.append(Case("encodec", seconds, batch, {
+                "reference": lambda c=batch_codes, b=bandwidth_id: reference_encodec.decode(
+                    reference_encodec.codes_to_features(c), bandwidth_id=b),
+                "in-process": lambda c=codes_bkt, f=code_frames, i=ids, k=k: vocos_encodec(embedding(c, k), f, i),
+                "triton": (lambda i=code_items: client.synthesize(**i[0])) if batch == 1
+                else (lambda i=code_items: client.synthesize_batch(i, max_concurrency=batch)),
+            }))
+    return cases
+
+
+def measure(cases: List[Case], repeats: int, warmup: int = 2) -> None:
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            for case in cases:
+                for system, run in case.runners.items():
+                    started = time.perf_counter()
+                    run()
+                    elapsed = time.perf_counter() - started
+                    if round_index >= warmup:
+                        case.times.setdefault(system, []).append(elapsed)
+
+
+def int8_report(repository: Path, reference_mel, repeats: int) -> Dict[str, float]:
+    """Fidelity and speed of the opt-in int8 mel vocoder against our fp32 one (10 s, batch 1)."""
+    from vocos_triton.quantized import quantize_vocoder
+    from vocos_triton.vocoder import BatchedVocos
+
+    fp32 = torch.jit.load(str(repository / "vocos_mel" / "1" / ARTIFACT)).eval()
+    int8 = torch.jit.freeze(torch.jit.script(quantize_vocoder(BatchedVocos(reference_mel).eval())))
+    audio = torch.from_numpy(speech_clip(10 * SAMPLE_RATE, seed=99))[None]
+    with torch.inference_mode():
+        mel = reference_mel.feature_extractor(audio)
+        args = (mel, torch.tensor([mel.shape[-1]]), torch.zeros(1, dtype=torch.long))
+        reference, quantized = fp32(*args), int8(*args)
+        times: Dict[str, List[float]] = {"fp32": [], "int8": []}
+        for i in range(2 + repeats):
+            for name, module in (("fp32", fp32), ("int8", int8)):
+                started = time.perf_counter()
+                module(*args)
+                if i >= 2:
+                    times[name].append(time.perf_counter() - started)
+    error = (quantized - reference).double()
+    snr = 10 * torch.log10(reference.double().pow(2).sum() / error.pow(2).sum())
+    return {"max_abs_error": float(error.abs().max()), "snr_db": float(snr),
+            "speedup": statistics.median(times["fp32"]) / statistics.median(times["int8"])}
+
+
+def print_table(cases: List[Case]) -> List[dict]:
+    rows = []
+    print(f"\n{'variant':8} {'clip':>5} {'batch':>5} | {'reference':>10} {'in-process':>10} {'triton':>10} |"
+          f" {'in-proc/ref':>11} {'triton/in-proc':>14}   (real-time factors: audio s per wall s)")
+    for case in cases:
+        ref, ours, triton = (case.rtf(s) for s in ("reference", "in-process", "triton"))
+        triton_label = f"c={case.batch}"
+        print(f"{case.variant:8} {case.seconds:>4}s {case.batch:>5} | {ref:>9.1f}x {ours:>9.1f}x {triton:>9.1f}x |"
+              f" {ours / ref:>10.2f}x {triton / ours:>13.2f}x   (triton {triton_label})")
+        rows.append({"variant": case.variant, "seconds": case.seconds, "batch": case.batch,
+                     "rtf": {"reference": ref, "in-process": ours, "triton": triton},
+                     "median_s": {s: statistics.median(t) for s, t in case.times.items()}})
+    return rows
+
+
+def plot(rows: List[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = ["reference", "in-process", "triton"]
+    labels = [f"{r['variant']}\n{r['seconds']}s b{r['batch']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(rows)), 4.5))
+    for i, system in enumerate(systems):
+        ax.bar(x + (i - 1) * 0.27, [r["rtf"][system] for r in rows], 0.27, label=system)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("real-time factor (audio s / wall s)")
+    ax.set_title("Vocos: reference eager vs TorchScript in-process vs Triton (CPU, fp32)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--seconds", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: all cores)")
+    parser.add_argument("--int8", action="store_true", help="also report the opt-in int8 vocoder")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from vocos_client import VocosClient
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    reference_mel, reference_encodec = load_references(args.repository)
+    options = ServerOptions(model_repository=args.repository.resolve(), grpc_port=free_port(), http_port=free_port(),
+                            metrics_port=free_port(), build_dir=args.out / "triton")
+    with TritonServer(options, log_file=args.out / "tritonserver.log") as server, \
+            VocosClient(server.grpc_url, timeout=120) as client:
+        memory_idle = process_tree_pss(server.process.pid)
+        cases = build_cases(args.repository, reference_mel, reference_encodec, client, args.seconds, args.batches)
+        log.info("measuring %d cases x 3 systems, %d repeats (torch threads here: %d)",
+                 len(cases), args.repeats, torch.get_num_threads())
+        measure(cases, args.repeats)
+        memory_loaded = process_tree_pss(server.process.pid)
+    rows = print_table(cases)
+    one_second = {r["variant"]: r for r in rows if r["seconds"] == 1 and r["batch"] == 1}
+    added = {v: 1000 * (r["median_s"]["triton"] - r["median_s"]["in-process"]) for v, r in one_second.items()}
+    for variant, ms in added.items():
+        print(f"latency added by Triton + client to a 1 s clip ({variant}): {ms:.1f} ms")
+    print(f"server memory (PSS, tritonserver + stubs): {memory_idle['total_mb']:.0f} MB after start-up, "
+          f"{memory_loaded['total_mb']:.0f} MB after the benchmark")
+    for name, mb in sorted(memory_loaded["processes"].items()):
+        print(f"  {name:40} {mb:7.0f} MB")
+    report = {"rows": rows, "added_latency_ms": added, "memory": {"idle": memory_idle, "loaded": memory_loaded},
+              "torch_threads": torch.get_num_threads()}
+    if args.int8:
+        report["int8"] = int8_report(args.repository, reference_mel, args.repeats)
+        q = report["int8"]
+        print(f"int8 vocoder (opt-in, mel 10 s): {q['speedup']:.2f}x the fp32 speed, "
+              f"max abs error {q['max_abs_error']:.3g}, SNR {q['snr_db']:.1f} dB vs fp32")
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2))
+    plot(rows, args.out / "bench.png")
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
