@@ -78,21 +78,33 @@ class _AdaLayerNorm(nn.Module):
         return x * scale + shift
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, onednn: bool) -> torch.Tensor:
-    """``x @ weight.T + bias``, then ``activation`` ("gelu" or "none").
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class FusedLinear(nn.Module):
+    """``x @ weight.T + bias``, then ``activation`` ("gelu" or "none"), on (..., C_in) tensors.
 
     On the CPU this runs as one oneDNN matmul with the activation fused into it (the op PyTorch's
     own compiler emits): about 2x faster than ``F.linear`` + ``F.gelu`` here, same arithmetic to ~1e-7.
+    Elsewhere (CUDA) it is plain ``F.linear``.
     """
-    if onednn and x.device.type == "cpu":
-        no_scalars: List[Optional[Union[float, int, complex]]] = []
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, no_scalars, "none")
-    y = nn.functional.linear(x, weight, bias)
-    return nn.functional.gelu(y) if activation == "gelu" else y
 
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str = "none") -> None:
+        super().__init__()
+        if activation not in ("gelu", "none"):
+            raise ValueError(f"unsupported activation {activation!r}")
+        self.register_buffer("weight", weight.detach().contiguous().clone())
+        self.register_buffer("bias", bias.detach().contiguous().clone())
+        self.activation = activation
+        self.onednn: bool = onednn_available()
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn and x.device.type == "cpu":
+            no_scalars: List[Optional[Union[float, int, complex]]] = []
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, no_scalars, "none")
+        y = nn.functional.linear(x, self.weight, self.bias)
+        return nn.functional.gelu(y) if self.activation == "gelu" else y
 
 
 class _ConvNeXtBlock(nn.Module):
@@ -117,14 +129,12 @@ class _ConvNeXtBlock(nn.Module):
         if block.gamma is not None:
             gamma = block.gamma.detach()
             w2, b2 = w2 * gamma[:, None], b2 * gamma
-        for name, value in (("pw1_weight", w1), ("pw1_bias", b1), ("pw2_weight", w2), ("pw2_bias", b2)):
-            self.register_buffer(name, value.contiguous().clone())
-        self.onednn: bool = onednn_available()
+        self.pwconv1 = FusedLinear(w1, b1, "gelu")
+        self.pwconv2 = FusedLinear(w2, b2)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         y = conv_time_major(x, self.dw_weight, self.dw_bias, 3, self.channels)
-        y = linear(self.norm(y, condition), self.pw1_weight, self.pw1_bias, "gelu", self.onednn)
-        return x + linear(y, self.pw2_weight, self.pw2_bias, "none", self.onednn)
+        return x + self.pwconv2(self.pwconv1(self.norm(y, condition)))
 
 
 class MaskedBackbone(nn.Module):
@@ -166,9 +176,7 @@ class BatchedISTFTHead(nn.Module):
         istft = head.istft
         if istft.n_fft != istft.win_length or istft.win_length % istft.hop_length:
             raise ValueError("overlap-add by hop-sized slices needs win_length == n_fft, a multiple of hop_length")
-        self.register_buffer("out_weight", head.out.weight.detach().clone())
-        self.register_buffer("out_bias", head.out.bias.detach().clone())
-        self.onednn: bool = onednn_available()
+        self.out = FusedLinear(head.out.weight, head.out.bias)
         self.n_fft: int = istft.n_fft
         self.hop_length: int = istft.hop_length
         self.overlap: int = istft.win_length // istft.hop_length
@@ -186,7 +194,7 @@ class BatchedISTFTHead(nn.Module):
         return out.reshape(batch, -1)
 
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        x = linear(x, self.out_weight, self.out_bias, "none", self.onednn)
+        x = self.out(x)
         half = self.n_fft // 2 + 1
         mag = torch.clip(torch.exp(x[:, :, :half]), max=1e2) * frame_mask[:, :, None]
         phase = x[:, :, half:]
