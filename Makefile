@@ -62,5 +62,10 @@ profiles: install
 check-contract: install
 	$(PY) ../shared/tools/check_contract.py $(REPOSITORY)
 
+# Side-by-side benchmark (reference eager vs TorchScript in-process vs Triton) on the repository's weights.
+bench: install system-deps
+	@test -f $(REPOSITORY)/vocos_mel/1/model.pt || $(MAKE) repository
+	$(PY) load_tests/bench.py --repository $(REPOSITORY) --out results/bench --int8
+
 clean:
 	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/provenance.json

@@ -7,8 +7,8 @@ Run headless against a running server (``make load-test`` does this for you, wit
 
 Each request is reported to Locust as ``request_type="grpc"``, ``name=<path>``, with its latency and
 ``response_length`` = output samples (so Locust's "Average size" column is samples at 24 kHz). On top
-of Locust's statistics, the audio seconds produced per wall second are logged at test stop and written
-next to the CSV files (``<csv prefix>_audio.json`` and ``_audio.csv``).
+of Locust's statistics, the audio seconds produced per wall second are logged at test stop and written,
+with the final per-path latencies, next to the CSV files (``<csv prefix>_summary.json`` and ``.csv``).
 
 Inputs are real speech (espeak-ng, :func:`vocos_triton.speech.speech_clip`) of 1–15 s, made once at
 start-up; the log-mels for ``vocos_mel`` come from the server's own ``mel_features`` model, so this
@@ -30,6 +30,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
@@ -106,6 +107,35 @@ def clip_lengths(pool_size: int, min_seconds: float, max_seconds: float, seed: i
     return [max(length, SAMPLE_RATE // 2) for length in lengths]
 
 
+class GeventSafeClient(grpcclient.InferenceServerClient):
+    """``InferenceServerClient`` whose ``close`` runs once, while the gevent hub is still running.
+
+    tritonclient's ``__del__`` closes the channel again; when that happens in the garbage collection
+    at interpreter exit, gRPC's gevent mode can deadlock (the process never exits: seen here about
+    one exit in three). So every client is closed explicitly (on_stop, or the ``quitting`` event for
+    any left open) and the second close is a no-op.
+    """
+
+    _open: "weakref.WeakSet[GeventSafeClient]" = weakref.WeakSet()
+
+    def __init__(self, url: str) -> None:
+        self._closed = False
+        super().__init__(url)
+        GeventSafeClient._open.add(self)
+
+    def close(self) -> None:
+        if self._closed or not hasattr(self, "_channel"):  # closed, or __init__ failed half-way
+            return
+        self._closed = True
+        GeventSafeClient._open.discard(self)
+        super().close()
+
+    @classmethod
+    def close_all(cls) -> None:
+        for client in list(cls._open):
+            client.close()
+
+
 def make_inputs(**tensors: np.ndarray) -> List[grpcclient.InferInput]:
     """``InferInput`` objects with the leading batch dimension of 1 added.
 
@@ -146,7 +176,7 @@ def build_pool(url: str, paths: Sequence[str], pool_size: int, min_seconds: floa
     # exists aborts the child (SIGABRT in grpc's fork handler), so no channel may be open yet.
     lengths = clip_lengths(pool_size, min_seconds, max_seconds, seed)
     clips = [speech_clip(length, seed=seed + index) for index, length in enumerate(lengths)]
-    client = grpcclient.InferenceServerClient(url)
+    client = GeventSafeClient(url)
     try:
         wanted = set(paths) | ({"mel_features"} if "vocos_mel" in paths else set())
         for model in sorted(wanted):
@@ -206,8 +236,9 @@ def _add_arguments(parser) -> None:
                        help="longest clip in seconds (default 15)")
     group.add_argument("--pool-seed", type=int, default=0, env_var="LOCUST_POOL_SEED",
                        help="seed of the clips, codes and request order (default 0)")
-    group.add_argument("--audio-stats", default="", env_var="LOCUST_AUDIO_STATS",
-                       help="path prefix of the audio-throughput files (default: the --csv prefix + '_audio')")
+    group.add_argument("--summary-file", default="", env_var="LOCUST_SUMMARY_FILE",
+                       help="path prefix of the final per-path summary with audio seconds per second "
+                            "(.json and .csv; default: the --csv prefix + '_summary')")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,7 +269,7 @@ class TritonPathUser(User):
         return options.think_time if options is not None else 0.0
 
     def on_start(self) -> None:
-        self.client = grpcclient.InferenceServerClient(STATE.url)
+        self.client = GeventSafeClient(STATE.url)
         # Per-user streams of choices, reproducible for a given seed and spawn order.
         self.rng = random.Random(STATE.seed * 1_000_003 + next(STATE.users_started))
 
@@ -336,37 +367,46 @@ def _on_test_start(environment: Environment, **_kwargs) -> None:
     STATE.started_at = time.time()
 
 
-def audio_throughput(environment: Environment, wall_seconds: float) -> List[dict]:
-    """Per path and in total: requests, audio seconds produced and audio seconds per wall second.
+def run_summary(environment: Environment, wall_seconds: float) -> List[dict]:
+    """Per path and in total: requests, failures, requests/s, latency percentiles, audio seconds
+    produced and audio seconds per wall second.
 
-    Computed from Locust's own statistics (``response_length`` is samples), so it also holds on a
-    distributed master, whose statistics are the sum of its workers'.
+    Read from Locust's own statistics at test stop (``response_length`` is samples), so the numbers
+    are final (Locust's ``_stats.csv`` is rewritten only once a second and can miss the last
+    requests) and also hold on a distributed master, whose statistics are the sum of its workers'.
+    Rates are over the whole run, ramp-up included.
     """
-    rows = []
-    total_samples = total_requests = total_failures = 0
-    for path in PATHS:
-        entry = environment.stats.entries.get((path, "grpc"))
-        if entry is None:
-            continue
-        total_samples += entry.total_content_length
-        total_requests += entry.num_requests
-        total_failures += entry.num_failures
-        rows.append(_throughput_row(path, entry.num_requests, entry.num_failures, entry.total_content_length,
-                                    wall_seconds))
-    rows.append(_throughput_row("Aggregated", total_requests, total_failures, total_samples, wall_seconds))
+    entries = [(path, environment.stats.entries.get((path, "grpc"))) for path in PATHS]
+    rows = [_summary_row(path, entry, wall_seconds) for path, entry in entries if entry is not None]
+    rows.append(_summary_row("Aggregated", environment.stats.total, wall_seconds))
     return rows
 
 
-def _throughput_row(name: str, requests: int, failures: int, samples: int, wall_seconds: float) -> dict:
-    audio_seconds = samples / SAMPLE_RATE
+def _summary_row(name: str, entry, wall_seconds: float) -> dict:
+    audio_seconds = entry.total_content_length / SAMPLE_RATE
+    per_second = (lambda value: round(value / wall_seconds, 3)) if wall_seconds > 0 else (lambda value: 0.0)
+    has_requests = entry.num_requests > 0
     return {
         "path": name,
-        "requests": requests,
-        "failures": failures,
+        "requests": entry.num_requests,
+        "failures": entry.num_failures,
+        "rps": per_second(entry.num_requests),
+        "p50_ms": entry.get_response_time_percentile(0.50) if has_requests else 0,
+        "p95_ms": entry.get_response_time_percentile(0.95) if has_requests else 0,
+        "p99_ms": entry.get_response_time_percentile(0.99) if has_requests else 0,
+        "avg_ms": round(entry.avg_response_time, 1),
+        "max_ms": round(entry.max_response_time or 0, 1),
         "audio_seconds": round(audio_seconds, 3),
+        "audio_s_per_s": per_second(audio_seconds),
         "wall_seconds": round(wall_seconds, 3),
-        "audio_seconds_per_second": round(audio_seconds / wall_seconds, 3) if wall_seconds > 0 else 0.0,
     }
+
+
+@events.quit.add_listener
+def _on_quit(**_kwargs) -> None:
+    # Fired after the users have stopped and before interpreter exit (see GeventSafeClient).
+    # Not ``quitting``: on SIGTERM that fires while users still have requests in flight.
+    GeventSafeClient.close_all()
 
 
 @events.test_stop.add_listener
@@ -374,15 +414,15 @@ def _on_test_stop(environment: Environment, **_kwargs) -> None:
     if STATE.started_at is None:
         return
     wall_seconds = time.time() - STATE.started_at
-    rows = audio_throughput(environment, wall_seconds)
+    rows = run_summary(environment, wall_seconds)
     lines = [f"{'path':<22} {'requests':>8} {'failures':>8} {'audio s':>9} {'audio-s/s':>9}"]
     lines += [f"{r['path']:<22} {r['requests']:>8} {r['failures']:>8} {r['audio_seconds']:>9.1f} "
-              f"{r['audio_seconds_per_second']:>9.2f}" for r in rows]
+              f"{r['audio_s_per_s']:>9.2f}" for r in rows]
     log.info("audio produced per wall second over %.1f s:\n%s", wall_seconds, "\n".join(lines))
     options = environment.parsed_options
     prefix = ""
     if options is not None:
-        prefix = options.audio_stats or (f"{options.csv_prefix}_audio" if options.csv_prefix else "")
+        prefix = options.summary_file or (f"{options.csv_prefix}_summary" if options.csv_prefix else "")
     if prefix:
         target = Path(prefix)
         target.parent.mkdir(parents=True, exist_ok=True)

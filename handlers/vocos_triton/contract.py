@@ -9,7 +9,7 @@ It needs numpy only (no torch), because the client imports it.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -121,24 +121,25 @@ def validate_audio(audio: np.ndarray, min_samples: int, max_samples: int, tensor
     check_finite(tensor, audio)
 
 
+def _validate_frames(tensor: str, array: np.ndarray, channels: int, what: str, min_frames: int,
+                     max_frames: int, frames_per_second: float) -> None:
+    check_dtype(tensor, array, np.float32)
+    check_rank(tensor, array, 2, f"({what}, frames)")
+    if array.shape[0] != channels:
+        raise InvalidInput(tensor, f"expected {channels} {what}, got {array.shape[0]}")
+    check_length(tensor, array.shape[1], min_frames, max_frames, "frames", frames_per_second)
+    check_finite(tensor, array)
+
+
 def validate_mel(mel: np.ndarray, min_frames: int, max_frames: int, tensor: str = "mel") -> None:
     """One item of log-mel features, shape (100, T), float32, finite."""
-    check_dtype(tensor, mel, np.float32)
-    check_rank(tensor, mel, 2, "(mel bins, frames)")
-    if mel.shape[0] != MEL_BINS:
-        raise InvalidInput(tensor, f"expected {MEL_BINS} mel bins, got {mel.shape[0]}")
-    check_length(tensor, mel.shape[1], min_frames, max_frames, "frames", SAMPLE_RATE / MEL_HOP)
-    check_finite(tensor, mel)
+    _validate_frames(tensor, mel, MEL_BINS, "mel bins", min_frames, max_frames, SAMPLE_RATE / MEL_HOP)
 
 
 def validate_features(features: np.ndarray, min_frames: int, max_frames: int, tensor: str = "features") -> None:
     """One item of EnCodec embedding features, shape (128, T), float32, finite."""
-    check_dtype(tensor, features, np.float32)
-    check_rank(tensor, features, 2, "(feature channels, frames)")
-    if features.shape[0] != FEATURE_DIM:
-        raise InvalidInput(tensor, f"expected {FEATURE_DIM} feature channels, got {features.shape[0]}")
-    check_length(tensor, features.shape[1], min_frames, max_frames, "frames", SAMPLE_RATE / ENCODEC_HOP)
-    check_finite(tensor, features)
+    _validate_frames(tensor, features, FEATURE_DIM, "feature channels", min_frames, max_frames,
+                     SAMPLE_RATE / ENCODEC_HOP)
 
 
 def validate_codes(
@@ -195,6 +196,3 @@ def scalar_bandwidth(value: np.ndarray, tensor: str = "bandwidth") -> float:
 def max_samples(max_seconds: float) -> int:
     return int(round(max_seconds * SAMPLE_RATE))
 
-
-def describe_bandwidths(values: Sequence[float] = BANDWIDTHS) -> str:
-    return ", ".join(f"{_format_number(v)} kbps (K={k})" for v, k in zip(values, CODEBOOKS))

@@ -7,7 +7,7 @@ between the processes that map it, so the sum over the process tree is the real 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 
 def _children(pid: int) -> List[int]:
@@ -37,16 +37,29 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
-def _name(pid: int) -> str:
-    """A readable name: the stub's model (its first argument's model folder) or the command."""
+def _argv(pid: int) -> List[str]:
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
     except OSError:
-        return str(pid)
-    command = Path(argv[0].decode()).name
-    if command == "triton_python_backend_stub" and len(argv) > 1:
-        return f"stub {Path(argv[1].decode()).parent.parent.name}"
-    return command
+        return []
+
+
+def stub_model(pid: int) -> Optional[str]:
+    """The model a Python-backend stub process serves (from its ``<repo>/<model>/<version>/model.py``
+    argument), or None when ``pid`` is not a stub."""
+    argv = _argv(pid)
+    if len(argv) > 1 and Path(argv[0]).name == "triton_python_backend_stub":
+        return Path(argv[1]).parent.parent.name
+    return None
+
+
+def _name(pid: int) -> str:
+    """A readable name: ``stub <model>`` or the command."""
+    model = stub_model(pid)
+    if model is not None:
+        return f"stub {model}"
+    argv = _argv(pid)
+    return Path(argv[0]).name if argv and argv[0] else str(pid)
 
 
 def process_tree_pss(pid: int) -> Dict[str, Union[float, Dict[str, float]]]:

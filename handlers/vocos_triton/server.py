@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Dict, List, Optional, Sequence, Tuple
 
-from .memory import process_tree
+from .memory import process_tree, stub_model
 
 log = logging.getLogger("vocos_triton.server")
 
@@ -122,12 +122,9 @@ def python_stubs(server_pid: int) -> Dict[int, str]:
     """pid -> model name of every live Python-backend stub under ``server_pid``."""
     stubs = {}
     for pid in process_tree(server_pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if Path(argv[0].decode()).name == "triton_python_backend_stub" and len(argv) > 1 and _is_running(pid):
-            stubs[pid] = Path(argv[1].decode()).parent.parent.name  # <repo>/<model>/<version>/model.py
+        model = stub_model(pid)
+        if model is not None and _is_running(pid):
+            stubs[pid] = model
     return stubs
 
 

@@ -1,0 +1,435 @@
+"""Headless Locust run against a tritonserver: ``make load-test``.
+
+Starts its own tritonserver on free loopback ports (unless ``--url`` points at a running one), runs
+``load_tests/locustfile.py`` headless for ``--duration`` with ``--users`` users, samples the server's
+memory (PSS over tritonserver and its Python-backend stubs) while the load runs, stops the server and
+prints a summary: requests/s, p50/p95/p99 latency, failures and audio seconds produced per wall second,
+per path and in total. Everything lands in ``<results-dir>/<timestamp>/``:
+
+- ``locust_stats.csv``, ``locust_stats_history.csv``, ``locust_failures.csv``, ``locust_exceptions.csv``
+  and ``report.html``: Locust's own CSV and HTML report;
+- ``locust_summary.json`` / ``.csv``: final per-path requests, failures, RPS, p50/p95/p99 and audio
+  seconds produced per wall second (written by the locustfile at test stop);
+- ``memory.csv`` (time series) and ``memory.json`` (idle / start / end / growth, per process at the end);
+- ``summary.json``: what the summary printed; ``locust.log``; ``tritonserver.log`` (own server only).
+
+Exit status: 0 when every request succeeded, 1 when any failed (or none was made), 2 on set-up errors.
+
+    python load_tests/run_load_test.py [--users 8] [--spawn-rate 2] [--duration 60s]
+        [--paths vocos_mel,resynthesize_mel,decode_codes,resynthesize_encodec] [--results-dir results]
+        [--repository model_repository] [--profile cpu] [--url HOST:PORT [--server-pid PID]]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import psutil
+
+from vocos_triton.server import DEFAULT_BUILD_DIR, LaunchError, ServerOptions, TritonServer, free_port
+
+log = logging.getLogger("vocos_load_test.runner")
+
+HERE = Path(__file__).resolve().parent
+PROJECT_ROOT = HERE.parent
+LOCUSTFILE = HERE / "locustfile.py"
+ALL_PATHS = "vocos_mel,resynthesize_mel,decode_codes,resynthesize_encodec"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Server memory: PSS, because the stubs share torch's library pages and a sum of RSS counts them N times
+
+def process_pss(pid: int) -> int:
+    """Proportional set size of one process in bytes, from ``/proc/<pid>/smaps_rollup``."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(pid) from None
+    except PermissionError:
+        raise psutil.AccessDenied(pid) from None
+    # Kernels before 4.14 have no smaps_rollup; psutil sums smaps instead (slower, same number).
+    return int(psutil.Process(pid).memory_full_info().pss)
+
+
+@dataclass
+class MemorySample:
+    elapsed_s: float
+    pss_bytes: int
+    processes: int
+    per_process: Dict[str, int] = field(default_factory=dict)
+
+
+def _process_label(process: psutil.Process) -> str:
+    """``tritonserver`` or the stub's model instance (``vocos_mel_0_0``), which the stub gets as an argument."""
+    try:
+        args = process.cmdline()
+        if args and args[0].endswith("triton_python_backend_stub"):
+            # argv: stub, <repo>/<model>/1/model.py, shm region, shm sizes, parent pid, backend dir,
+            # ipc size, instance name ("vocos_mel_0_0"), kind
+            return args[8] if len(args) > 8 else Path(args[1]).parent.parent.name
+        return process.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+        return f"pid {process.pid}"
+
+
+def server_tree_memory(pid: int, elapsed_s: float = 0.0, detail: bool = False) -> MemorySample:
+    """Total PSS of ``pid`` and all its descendants (tritonserver and its Python-backend stubs)."""
+    root = psutil.Process(pid)
+    processes = [root] + root.children(recursive=True)
+    total, counted, per_process = 0, 0, {}
+    for process in processes:
+        try:
+            pss = process_pss(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # a stub that exited between listing and reading
+        total += pss
+        counted += 1
+        if detail:
+            label = _process_label(process)
+            per_process[label if label not in per_process else f"{label} (pid {process.pid})"] = pss
+    return MemorySample(round(elapsed_s, 2), total, counted, per_process)
+
+
+class MemorySampler(threading.Thread):
+    """Samples the server's PSS every ``interval_s`` seconds into a list (and ``memory.csv``)."""
+
+    def __init__(self, pid: int, interval_s: float, csv_path: Path) -> None:
+        super().__init__(name="memory-sampler", daemon=True)
+        self.pid = pid
+        self.interval_s = interval_s
+        self.csv_path = csv_path
+        self.samples: List[MemorySample] = []
+        self._stop_event = threading.Event()
+        self._started_at = time.monotonic()
+
+    def run(self) -> None:
+        with open(self.csv_path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["elapsed_s", "pss_mib", "processes"])
+            while not self._stop_event.is_set():
+                try:
+                    sample = server_tree_memory(self.pid, time.monotonic() - self._started_at)
+                except psutil.NoSuchProcess:
+                    log.warning("server process %d is gone; memory sampling stops", self.pid)
+                    return
+                self.samples.append(sample)
+                writer.writerow([sample.elapsed_s, round(sample.pss_bytes / 2**20, 1), sample.processes])
+                handle.flush()
+                self._stop_event.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+
+
+def find_listener_pid(port: int) -> Optional[int]:
+    """The process listening on TCP ``port`` (for ``--url``), if this user may see it."""
+    try:
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
+                return connection.pid
+    except psutil.AccessDenied:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Locust
+
+def parse_duration(text: str) -> float:
+    """Locust's run-time syntax (``90``, ``60s``, ``2m``, ``1h30m``) in seconds."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != text.replace(" ", ""):
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 60s, 2m, 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def locust_command(url: str, args: argparse.Namespace, results: Path) -> List[str]:
+    """The headless Locust command line; this environment's ``locust`` (its gevent and tritonclient)."""
+    binary = Path(sys.executable).parent / "locust"
+    base = [str(binary)] if binary.exists() else [sys.executable, "-m", "locust"]
+    return base + [
+        "-f", str(LOCUSTFILE), "--headless",
+        "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{int(round(args.duration))}s",
+        "--host", url, "--paths", args.paths, "--request-timeout", str(args.request_timeout),
+        "--csv", str(results / "locust"), "--html", str(results / "report.html"),
+        "--only-summary",  # the periodic tables would bury the runner's summary; the CSV history has them
+    ] + list(args.locust_args)
+
+
+def run_locust(command: Sequence[str], log_path: Path, timeout_s: float) -> int:
+    """Run Locust, copying its output to the terminal and ``locust.log``; kill it if it overstays."""
+    with open(log_path, "w") as sink:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   cwd=PROJECT_ROOT, start_new_session=True)
+
+        def pump() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                sink.write(line)
+                sink.flush()
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+        pumper = threading.Thread(target=pump, daemon=True)
+        pumper.start()
+        try:
+            code = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("locust did not finish within %.0f s; killing it", timeout_s)
+            os.killpg(process.pid, 9)
+            code = process.wait()
+        except KeyboardInterrupt:
+            os.killpg(process.pid, 2)  # let Locust write its reports
+            code = process.wait(timeout=30)
+        pumper.join(timeout=5)
+        return code
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summary
+
+def _number(value: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def read_locust_stats(stats_csv: Path) -> List[dict]:
+    """Rows of Locust's ``*_stats.csv`` (one per path, then ``Aggregated``) as plain numbers.
+
+    Locust rewrites that file once a second, so it may miss the last requests of the run.
+    """
+    rows = []
+    with open(stats_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            rows.append({
+                "path": row["Name"],
+                "requests": int(_number(row["Request Count"])),
+                "failures": int(_number(row["Failure Count"])),
+                "rps": round(_number(row["Requests/s"]), 3),
+                "p50_ms": _number(row["50%"]),
+                "p95_ms": _number(row["95%"]),
+                "p99_ms": _number(row["99%"]),
+                "avg_ms": round(_number(row["Average Response Time"]), 1),
+                "max_ms": _number(row["Max Response Time"]),
+            })
+    return rows
+
+
+def read_summary(results: Path) -> List[dict]:
+    """Per-path rows: the locustfile's final summary, else (Locust died early) Locust's own CSV."""
+    summary = results / "locust_summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())["paths"]
+    stats_csv = results / "locust_stats.csv"
+    if not stats_csv.exists():
+        return []
+    log.warning("%s is missing; latencies from %s, audio throughput unknown", summary, stats_csv)
+    rows = read_locust_stats(stats_csv)
+    for row in rows:
+        row.update(audio_seconds=0.0, audio_s_per_s=0.0)
+    return rows
+
+
+def format_table(rows: List[dict]) -> str:
+    header = (f"{'path':<22} {'requests':>8} {'failures':>8} {'RPS':>7} {'p50 ms':>8} {'p95 ms':>8} "
+              f"{'p99 ms':>8} {'audio-s/s':>10}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if row["path"] == "Aggregated":
+            lines.append("-" * len(header))
+        lines.append(f"{row['path']:<22} {row['requests']:>8} {row['failures']:>8} {row['rps']:>7.2f} "
+                     f"{row['p50_ms']:>8.0f} {row['p95_ms']:>8.0f} {row['p99_ms']:>8.0f} "
+                     f"{row['audio_s_per_s']:>10.2f}")
+    return "\n".join(lines)
+
+
+@dataclass
+class MemoryReport:
+    """PSS of the server tree: idle (before load), start (load warmed up) and end of the load."""
+
+    idle_bytes: Optional[int] = None
+    start_bytes: Optional[int] = None
+    end_bytes: Optional[int] = None
+    start_elapsed_s: Optional[float] = None
+    end_elapsed_s: Optional[float] = None
+    growth_percent: Optional[float] = None
+    per_process_end: Dict[str, int] = field(default_factory=dict)
+
+    def text(self) -> str:
+        if self.start_bytes is None or self.end_bytes is None:
+            return "server memory: not measured (no server process to read; see --server-pid)"
+        mib = 2**20
+        idle = f"idle {self.idle_bytes / mib:.0f} MiB, " if self.idle_bytes is not None else ""
+        return (f"server memory (PSS, tritonserver + stubs): {idle}start {self.start_bytes / mib:.0f} MiB "
+                f"(t={self.start_elapsed_s:.0f} s), end {self.end_bytes / mib:.0f} MiB (t={self.end_elapsed_s:.0f} s), "
+                f"growth {self.growth_percent:+.1f}%")
+
+
+def memory_report(idle: Optional[MemorySample], samples: List[MemorySample], warmup_s: float,
+                  final: Optional[MemorySample]) -> MemoryReport:
+    """Start = first sample after ``warmup_s`` of load (allocator pools and batch buffers grown once
+    are not a leak); end = the last sample under load. Growth is end vs start."""
+    report = MemoryReport(idle_bytes=idle.pss_bytes if idle else None)
+    if not samples:
+        return report
+    warm = [s for s in samples if s.elapsed_s >= warmup_s] or samples[-1:]
+    start, end = warm[0], samples[-1]
+    report.start_bytes, report.start_elapsed_s = start.pss_bytes, start.elapsed_s
+    report.end_bytes, report.end_elapsed_s = end.pss_bytes, end.elapsed_s
+    report.growth_percent = round(100.0 * (end.pss_bytes - start.pss_bytes) / start.pss_bytes, 2)
+    if final is not None:
+        report.per_process_end = final.per_process
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadTestResult:
+    results_dir: Path
+    exit_code: int
+    rows: List[dict]
+    memory: MemoryReport
+
+
+def run(args: argparse.Namespace) -> LoadTestResult:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = (args.results_dir / stamp).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    server: Optional[TritonServer] = None
+    server_pid: Optional[int] = args.server_pid
+    try:
+        if args.url:
+            url = args.url
+            if server_pid is None:
+                port = int(url.rsplit(":", 1)[-1].rstrip("/"))
+                server_pid = find_listener_pid(port)
+        else:
+            repository = args.repository.resolve()
+            options = ServerOptions(model_repository=repository, grpc_port=free_port(), http_port=free_port(),
+                                    metrics_port=free_port(), profile=args.profile, build_dir=args.build_dir)
+            server = TritonServer(options, log_file=results / "tritonserver.log")
+            log.info("starting tritonserver on %s (repository %s, %s profile); log: %s", server.grpc_url,
+                     repository, args.profile, results / "tritonserver.log")
+            began = time.monotonic()
+            server.start()
+            log.info("tritonserver ready in %.1f s", time.monotonic() - began)
+            url = server.grpc_url
+            server_pid = server.process.pid if server.process else None
+
+        idle = server_tree_memory(server_pid) if server_pid else None
+        sampler = None
+        if server_pid:
+            sampler = MemorySampler(server_pid, args.memory_interval, results / "memory.csv")
+            sampler.start()
+        else:
+            log.warning("no server process found for %s: memory is not measured (pass --server-pid)", url)
+
+        command = locust_command(url, args, results)
+        log.info("running: %s", " ".join(command))
+        # Locust needs a few seconds to import and build its request pool before the clock starts.
+        locust_code = run_locust(command, results / "locust.log", timeout_s=args.duration + args.request_timeout + 120)
+        final = server_tree_memory(server_pid, detail=True) if server_pid and psutil.pid_exists(server_pid) else None
+        if sampler is not None:
+            sampler.stop()
+        samples = sampler.samples if sampler is not None else []
+        memory = memory_report(idle, samples, warmup_s=min(args.memory_warmup, args.duration / 3), final=final)
+    finally:
+        if server is not None:
+            server.stop()
+
+    rows = read_summary(results)
+    aggregated = next((r for r in rows if r["path"] == "Aggregated"), None)
+    failed = aggregated is None or aggregated["requests"] == 0 or aggregated["failures"] > 0 or locust_code != 0
+    (results / "memory.json").write_text(json.dumps(asdict(memory), indent=2) + "\n")
+    (results / "summary.json").write_text(json.dumps({
+        "url": url, "users": args.users, "spawn_rate": args.spawn_rate, "duration_s": args.duration,
+        "paths": args.paths, "locust_exit_code": locust_code, "rows": rows, "memory": asdict(memory),
+    }, indent=2) + "\n")
+    return LoadTestResult(results, 1 if failed else 0, rows, memory)
+
+
+def print_summary(result: LoadTestResult, args: argparse.Namespace) -> None:
+    print()
+    print(f"=== Vocos on Triton load test: {args.users} users, {args.duration:.0f} s, paths {args.paths} ===")
+    if result.rows:
+        print(format_table(result.rows))
+    else:
+        print("no Locust statistics were written (see locust.log)")
+    print(result.memory.text())
+    if result.memory.per_process_end:
+        top = sorted(result.memory.per_process_end.items(), key=lambda item: -item[1])
+        print("  at the end: " + ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in top))
+    print(f"results: {result.results_dir}  (report.html, locust_stats.csv, locust_summary.json, memory.json)")
+    print("PASS: no failed requests" if result.exit_code == 0 else "FAIL: failed requests, or none made")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", "-u", type=int, default=8, help="concurrent Locust users (default 8)")
+    parser.add_argument("--spawn-rate", "-r", type=float, default=2.0, help="users started per second (default 2)")
+    parser.add_argument("--duration", "-t", type=parse_duration, default=parse_duration("60s"),
+                        help="run time, Locust syntax: 60s, 10m (default 60s)")
+    parser.add_argument("--paths", default=ALL_PATHS,
+                        help=f"paths with optional weights, e.g. 'vocos_mel:3,decode_codes' (default {ALL_PATHS})")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="per-request deadline, s (default 60)")
+    parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "results",
+                        help="parent of the timestamped results folder (default results/)")
+    parser.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository",
+                        help="model repository built by `make repository` (default model_repository/)")
+    parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="deployment profile (default cpu)")
+    parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--url", default="", help="target a running server's gRPC HOST:PORT instead of starting one")
+    parser.add_argument("--server-pid", type=int, default=None,
+                        help="tritonserver pid for memory sampling with --url (default: whoever listens on the port)")
+    parser.add_argument("--memory-interval", type=float, default=2.0, help="seconds between PSS samples (default 2)")
+    parser.add_argument("--memory-warmup", type=float, default=10.0,
+                        help="seconds of load before the 'start' memory sample (at most a third of the run; default 10)")
+    parser.add_argument("locust_args", nargs=argparse.REMAINDER,
+                        help="after '--': extra Locust options, e.g. -- --pool-size 24 --think-time 0.5")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.locust_args and args.locust_args[0] == "--":
+        args.locust_args = args.locust_args[1:]
+    if args.users < 1 or args.spawn_rate <= 0 or args.duration <= 0:
+        parser.error("--users, --spawn-rate and --duration must be positive")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
+    if not args.url and not any(args.repository.glob("*/1/model.pt")):
+        print(f"error: {args.repository} has no model.pt artifacts; build it first (make repository)", file=sys.stderr)
+        return 2
+    try:
+        result = run(args)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(result, args)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
