@@ -18,6 +18,11 @@ HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 PROFILE ?= cpu
 PYTEST_ARGS ?=
+LOAD_USERS ?= 8
+LOAD_SPAWN_RATE ?= 2
+LOAD_DURATION ?= 60s
+LOAD_PATHS ?= vocos_mel,resynthesize_mel,decode_codes,resynthesize_encodec
+LOAD_ARGS ?=
 
 INSTALLED := $(VENV)/.installed
 
@@ -61,6 +66,13 @@ profiles: install
 
 check-contract: install
 	$(PY) ../shared/tools/check_contract.py $(REPOSITORY)
+
+# Locust, headless, against a tritonserver it starts on free ports; CSV + HTML + summary in results/<stamp>/.
+load-test: install system-deps
+	@test -f $(REPOSITORY)/vocos_mel/1/model.pt || $(MAKE) repository
+	$(PY) load_tests/run_load_test.py --repository $(REPOSITORY) --profile $(PROFILE) \
+	  --users $(LOAD_USERS) --spawn-rate $(LOAD_SPAWN_RATE) --duration $(LOAD_DURATION) \
+	  --paths $(LOAD_PATHS) --results-dir results $(LOAD_ARGS)
 
 # Side-by-side benchmark (reference eager vs TorchScript in-process vs Triton) on the repository's weights.
 bench: install system-deps

@@ -111,9 +111,9 @@ class GeventSafeClient(grpcclient.InferenceServerClient):
     """``InferenceServerClient`` whose ``close`` runs once, while the gevent hub is still running.
 
     tritonclient's ``__del__`` closes the channel again; when that happens in the garbage collection
-    at interpreter exit, gRPC's gevent mode can deadlock (the process never exits: seen here about
-    one exit in three). So every client is closed explicitly (on_stop, or the ``quitting`` event for
-    any left open) and the second close is a no-op.
+    at interpreter exit, gRPC's gevent mode can deadlock (the process never exits: two exits in five
+    here). So every client is closed explicitly (``on_stop``, or the ``quit`` event for any left
+    open) and the second close is a no-op.
     """
 
     _open: "weakref.WeakSet[GeventSafeClient]" = weakref.WeakSet()
@@ -248,6 +248,7 @@ class _State:
     """What the users share: filled in by the init and test_start listeners."""
 
     url: str = ""
+    paths: Tuple[str, ...] = ()
     pool: Optional[RequestPool] = None
     timeout_s: float = 60.0
     seed: int = 0
@@ -348,6 +349,7 @@ def _on_init(environment: Environment, **_kwargs) -> None:
         raise ValueError("no user class left to run: check --paths and the user classes named on the command line")
     selected = [cls.path for cls in environment.user_classes]
     STATE.url = strip_host(environment.host)
+    STATE.paths = tuple(selected)
     STATE.timeout_s = timeout_s
     STATE.seed = seed
     if isinstance(environment.runner, MasterRunner):
@@ -376,8 +378,9 @@ def run_summary(environment: Environment, wall_seconds: float) -> List[dict]:
     requests) and also hold on a distributed master, whose statistics are the sum of its workers'.
     Rates are over the whole run, ramp-up included.
     """
-    entries = [(path, environment.stats.entries.get((path, "grpc"))) for path in PATHS]
-    rows = [_summary_row(path, entry, wall_seconds) for path, entry in entries if entry is not None]
+    # Every selected path gets a row, also one that completed no request (its absence would hide it).
+    selected = [path for path in PATHS if path in STATE.paths or (path, "grpc") in environment.stats.entries]
+    rows = [_summary_row(path, environment.stats.get(path, "grpc"), wall_seconds) for path in selected]
     rows.append(_summary_row("Aggregated", environment.stats.total, wall_seconds))
     return rows
 

@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -171,6 +172,9 @@ def locust_command(url: str, args: argparse.Namespace, results: Path) -> List[st
         "--host", url, "--paths", args.paths, "--request-timeout", str(args.request_timeout),
         "--csv", str(results / "locust"), "--html", str(results / "report.html"),
         "--only-summary",  # the periodic tables would bury the runner's summary; the CSV history has them
+        # At the end, let requests in flight finish: killing them would drop exactly the slowest ones
+        # from the latency percentiles (and a path whose requests all outlast the run would vanish).
+        "--stop-timeout", f"{int(math.ceil(args.request_timeout))}s",
     ] + list(args.locust_args)
 
 
@@ -360,7 +364,11 @@ def run(args: argparse.Namespace) -> LoadTestResult:
 
     rows = read_summary(results)
     aggregated = next((r for r in rows if r["path"] == "Aggregated"), None)
-    failed = aggregated is None or aggregated["requests"] == 0 or aggregated["failures"] > 0 or locust_code != 0
+    idle_paths = [r["path"] for r in rows if r["path"] != "Aggregated" and r["requests"] == 0]
+    for path in idle_paths:
+        log.error("%s completed no request during the run (too few users for the paths, or a stuck server)", path)
+    failed = (aggregated is None or aggregated["requests"] == 0 or aggregated["failures"] > 0 or bool(idle_paths)
+              or locust_code != 0)
     (results / "memory.json").write_text(json.dumps(asdict(memory), indent=2) + "\n")
     (results / "summary.json").write_text(json.dumps({
         "url": url, "users": args.users, "spawn_rate": args.spawn_rate, "duration_s": args.duration,
@@ -381,7 +389,8 @@ def print_summary(result: LoadTestResult, args: argparse.Namespace) -> None:
         top = sorted(result.memory.per_process_end.items(), key=lambda item: -item[1])
         print("  at the end: " + ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in top))
     print(f"results: {result.results_dir}  (report.html, locust_stats.csv, locust_summary.json, memory.json)")
-    print("PASS: no failed requests" if result.exit_code == 0 else "FAIL: failed requests, or none made")
+    print("PASS: no failed requests" if result.exit_code == 0 else "FAIL: failed requests, a path without requests, "
+          "or Locust exited with an error (see locust.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +431,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.url and not any(args.repository.glob("*/1/model.pt")):
         print(f"error: {args.repository} has no model.pt artifacts; build it first (make repository)", file=sys.stderr)
         return 2
+    selected = [item.split(":")[0] for item in args.paths.split(",") if item.strip() and not item.endswith(":0")]
+    if args.users < len(selected):
+        log.warning("%d users for %d paths: Locust gives each user one path, so some paths get no user",
+                    args.users, len(selected))
     try:
         result = run(args)
     except LaunchError as exc:
