@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 
 import psutil
 
+from vocos_triton.memory import process_tree_pss
 from vocos_triton.server import DEFAULT_BUILD_DIR, LaunchError, ServerOptions, TritonServer, free_port
 
 log = logging.getLogger("vocos_load_test.runner")
@@ -45,26 +46,12 @@ log = logging.getLogger("vocos_load_test.runner")
 HERE = Path(__file__).resolve().parent
 PROJECT_ROOT = HERE.parent
 LOCUSTFILE = HERE / "locustfile.py"
+MIB = 1 << 20
 ALL_PATHS = "vocos_mel,resynthesize_mel,decode_codes,resynthesize_encodec"
 
 
 # ---------------------------------------------------------------------------------------------------
 # Server memory: PSS, because the stubs share torch's library pages and a sum of RSS counts them N times
-
-def process_pss(pid: int) -> int:
-    """Proportional set size of one process in bytes, from ``/proc/<pid>/smaps_rollup``."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except FileNotFoundError:
-        raise psutil.NoSuchProcess(pid) from None
-    except PermissionError:
-        raise psutil.AccessDenied(pid) from None
-    # Kernels before 4.14 have no smaps_rollup; psutil sums smaps instead (slower, same number).
-    return int(psutil.Process(pid).memory_full_info().pss)
-
 
 @dataclass
 class MemorySample:
@@ -74,35 +61,13 @@ class MemorySample:
     per_process: Dict[str, int] = field(default_factory=dict)
 
 
-def _process_label(process: psutil.Process) -> str:
-    """``tritonserver`` or the stub's model instance (``vocos_mel_0_0``), which the stub gets as an argument."""
-    try:
-        args = process.cmdline()
-        if args and args[0].endswith("triton_python_backend_stub"):
-            # argv: stub, <repo>/<model>/1/model.py, shm region, shm sizes, parent pid, backend dir,
-            # ipc size, instance name ("vocos_mel_0_0"), kind
-            return args[8] if len(args) > 8 else Path(args[1]).parent.parent.name
-        return process.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
-        return f"pid {process.pid}"
-
-
 def server_tree_memory(pid: int, elapsed_s: float = 0.0, detail: bool = False) -> MemorySample:
     """Total PSS of ``pid`` and all its descendants (tritonserver and its Python-backend stubs)."""
-    root = psutil.Process(pid)
-    processes = [root] + root.children(recursive=True)
-    total, counted, per_process = 0, 0, {}
-    for process in processes:
-        try:
-            pss = process_pss(process.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue  # a stub that exited between listing and reading
-        total += pss
-        counted += 1
-        if detail:
-            label = _process_label(process)
-            per_process[label if label not in per_process else f"{label} (pid {process.pid})"] = pss
-    return MemorySample(round(elapsed_s, 2), total, counted, per_process)
+    if not psutil.pid_exists(pid):
+        raise psutil.NoSuchProcess(pid)
+    report = process_tree_pss(pid)
+    per_process = {name: int(mib * MIB) for name, mib in report["processes"].items()} if detail else {}
+    return MemorySample(round(elapsed_s, 2), int(report["total_mb"] * MIB), len(report["processes"]), per_process)
 
 
 class MemorySampler(threading.Thread):

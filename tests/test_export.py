@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -104,3 +105,16 @@ def test_artifact_sizes_are_what_the_weights_need(repository):
     assert sizes["encodec_embedding"] < 9e6  # 16 x 1024 x 128 float32 codebook weights
     assert sizes["mel_features"] < 1e6  # window + filterbank
     assert np.all(np.array(list(sizes.values())) > 0)
+
+
+def test_make_repository_without_weights_fails_fast_with_instructions(tmp_path):
+    """What `make serve` does first on an offline machine with no weights: stop at once and say how."""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+               HF_ENDPOINT="http://127.0.0.1:9")
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-m", "vocos_triton.export", "--output", str(tmp_path / "repo")],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert "charactr/vocos-mel-24khz" in result.stderr and "RANDOM_WEIGHTS=1" in result.stderr
+    assert "VOCOS_MEL=/path/to/vocos-mel-24khz" in result.stderr
+    assert not (tmp_path / "repo" / "vocos_mel" / "1" / ARTIFACT).exists()

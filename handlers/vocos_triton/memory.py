@@ -54,16 +54,17 @@ def stub_model(pid: int) -> Optional[str]:
 
 
 def _name(pid: int) -> str:
-    """A readable name: ``stub <model>`` or the command."""
+    """A readable name: the model a stub serves, or the command."""
     model = stub_model(pid)
     if model is not None:
-        return f"stub {model}"
+        return model
     argv = _argv(pid)
     return Path(argv[0]).name if argv and argv[0] else str(pid)
 
 
 def process_tree_pss(pid: int) -> Dict[str, Union[float, Dict[str, float]]]:
-    """PSS of ``pid`` and its descendants: ``{"total_mb": ..., "processes": {name: mb}}``."""
+    """PSS of ``pid`` and its descendants: ``{"total_mb": ..., "processes": {name: mb}}``, a stub named
+    by its model (the instances of one model added up), anything else by its command."""
     processes: Dict[str, float] = {}
     for child in process_tree(pid):
         try:
