@@ -11,6 +11,8 @@ VOCOS_ENCODEC ?= charactr/vocos-encodec-24khz
 ENCODEC_CHECKPOINT ?=
 # RANDOM_WEIGHTS=1: a loudly labelled demo with random-initialised weights (noise, not speech).
 RANDOM_WEIGHTS ?= 0
+# PRECISION=int8: opt-in int8 vocoders (CPU; about 2x faster, about 32 dB SNR against fp32). fp32 is exact.
+PRECISION ?= fp32
 REPOSITORY ?= model_repository
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
@@ -51,7 +53,7 @@ WEIGHT_ARGS := --mel '$(VOCOS_MEL)' --encodec '$(VOCOS_ENCODEC)' $(if $(ENCODEC_
 endif
 
 repository: install
-	$(PY) -m vocos_triton.export --output $(REPOSITORY) $(WEIGHT_ARGS)
+	$(PY) -m vocos_triton.export --output $(REPOSITORY) --precision $(PRECISION) $(WEIGHT_ARGS)
 
 serve: repository
 	$(PY) -m vocos_triton.server --model-repository $(REPOSITORY) --host $(HOST) \

@@ -124,10 +124,10 @@ def measure(cases: List[Case], repeats: int, warmup: int = 2) -> None:
 
 def int8_report(repository: Path, reference_mel, repeats: int) -> Dict[str, float]:
     """Fidelity and speed of the opt-in int8 mel vocoder against our fp32 one (10 s, batch 1)."""
-    from vocos_triton.quantized import fidelity, quantize_vocoder
+    from vocos_triton.quantized import fidelity, quantize_vocoder, set_quantized_engine
     from vocos_triton.vocoder import BatchedVocos
 
-    torch.backends.quantized.engine = "onednn"  # the fastest int8 engine measured here (VNNI)
+    set_quantized_engine()
     fp32 = torch.jit.load(str(repository / "vocos_mel" / "1" / ARTIFACT)).eval()
     int8 = torch.jit.freeze(torch.jit.script(quantize_vocoder(BatchedVocos(reference_mel).eval())))
     audio = torch.from_numpy(speech_clip(10 * SAMPLE_RATE, seed=99))[None]

@@ -15,6 +15,7 @@ import torch
 import reference_outputs as ref
 from vocos_triton import export
 from vocos_triton.export import ARTIFACT, PROVENANCE, ParityError, build_repository, pad_batch
+from vocos_triton.quantized import fidelity
 from vocos_triton.speech import speech_clip
 from vocos_triton.vocoder import BatchedVocos
 
@@ -118,3 +119,23 @@ def test_make_repository_without_weights_fails_fast_with_instructions(tmp_path):
     assert "charactr/vocos-mel-24khz" in result.stderr and "RANDOM_WEIGHTS=1" in result.stderr
     assert "VOCOS_MEL=/path/to/vocos-mel-24khz" in result.stderr
     assert not (tmp_path / "repo" / "vocos_mel" / "1" / ARTIFACT).exists()
+
+
+def test_opt_in_int8_vocoder_records_its_fidelity_and_stays_batch_independent(tmp_path, mel_checkpoint,
+                                                                              reference_mel):
+    """int8 runs each item alone, so its batch only moves int8 rounding (a 1e-7 difference in an fp32
+    convolution can flip one activation's int8 step): far below the int8-vs-fp32 error, not 1e-5."""
+    written = build_repository(tmp_path, mel_checkpoint, None, None, precision="int8")
+    provenance = written["vocos_mel"]
+    assert provenance["precision"] == "int8" and written["mel_features"]["precision"] == "fp32"
+    assert provenance["parity"]["min_snr_db_vs_reference"] >= export.INT8_MIN_SNR_DB
+    vocoder = torch.jit.load(str(tmp_path / "vocos_mel" / "1" / ARTIFACT))
+    clips = [speech_clip(n, seed=30 + i) for i, n in enumerate([24_000, 9_000, 40_000])]
+    mels = [torch.from_numpy(ref.mel_features(reference_mel, c)) for c in clips]
+    frames = torch.tensor([m.shape[-1] for m in mels])
+    with torch.inference_mode():
+        batched = vocoder(pad_batch(mels), frames, torch.zeros(3, dtype=torch.long))
+        for i, m in enumerate(mels):
+            alone = vocoder(m[None], frames[i : i + 1], torch.zeros(1, dtype=torch.long))[0]
+            n = alone.shape[-1]
+            assert fidelity(alone, batched[i, :n])["snr_db"] >= provenance["parity"]["min_snr_db_vs_reference"] + 6

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..contract import DEFAULT_MAX_SECONDS, InvalidInput
+from ..quantized import set_quantized_engine
 
 log = logging.getLogger("vocos_triton.serving")
 
@@ -100,6 +101,7 @@ class RaggedBatchModel:
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         else:
             self.device = torch.device("cpu")
+        set_quantized_engine()  # int8 artifacts (opt-in) repack their weights for this engine on load
         path = os.path.join(args["model_repository"], args["model_version"], self.artifact)
         self.module = torch.jit.load(path, map_location=self.device).eval()
         self.configure()
