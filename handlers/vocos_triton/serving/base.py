@@ -65,11 +65,11 @@ def plan_batches(items: Sequence[Item], max_padded_frames: int, overhead_frames:
 
 
 def pad_stack(arrays: Sequence[np.ndarray], dtype: np.dtype = np.float32, value: float = 0) -> np.ndarray:
-    """Stack arrays that differ in their last dimension, padding it with ``value``."""
-    longest = max(a.shape[-1] for a in arrays)
-    out = np.full((len(arrays), *arrays[0].shape[:-1], longest), value, dtype=dtype)
+    """Stack same-rank arrays, padding every axis to the largest size with ``value`` (at the end)."""
+    shape = tuple(max(a.shape[axis] for a in arrays) for axis in range(arrays[0].ndim))
+    out = np.full((len(arrays), *shape), value, dtype=dtype)
     for i, a in enumerate(arrays):
-        out[i, ..., : a.shape[-1]] = a
+        out[(i, *(slice(0, n) for n in a.shape))] = a
     return out
 
 

@@ -124,10 +124,7 @@ class EncodecEmbeddingModel(RaggedBatchModel):
 
     def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
         frames = _lengths(items, "codes")
-        rows = max(it["codes"].shape[0] for it in items)
-        padded = np.zeros((len(items), rows, int(frames.max())), np.int64)
-        for i, it in enumerate(items):
-            padded[i, : it["codes"].shape[0], : it["codes"].shape[1]] = it["codes"]
+        padded = pad_stack([it["codes"] for it in items], np.int64)  # K and T both vary per item
         num_codebooks = torch.tensor([it["codes"].shape[0] for it in items], dtype=torch.long)
         features = self.module(self.tensor(padded), num_codebooks.to(self.device)).cpu().numpy()
         return [
