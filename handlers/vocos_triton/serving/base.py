@@ -120,6 +120,11 @@ class RaggedBatchModel:
             except InvalidInput as exc:
                 responses[r] = self.error_response(str(exc), self.pb.TritonError.INVALID_ARG)
                 continue
+            except Exception as exc:  # a bug must fail this request only, never the batch or the model
+                log.exception("%s: could not read a request", self.name)
+                responses[r] = self.error_response(f"{self.name}: {type(exc).__name__}: {exc}",
+                                                   self.pb.TritonError.INTERNAL)
+                continue
             rows_per_request[r] = len(rows)
             items.extend(Item(r, i, cost, data) for i, (cost, data) in enumerate(rows))
 
@@ -144,7 +149,7 @@ class RaggedBatchModel:
             if responses[r] is None:
                 rows = [results[r][i] for i in range(count)]
                 tensors = [
-                    self.pb.Tensor(name, np.ascontiguousarray(np.stack([row[name] for row in rows]).astype(dtype)))
+                    self.pb.Tensor(name, np.stack([row[name] for row in rows]).astype(dtype, copy=False))
                     for name, dtype in self.output_dtypes.items()
                 ]
                 responses[r] = self.pb.InferenceResponse(output_tensors=tensors)
