@@ -198,3 +198,24 @@ def test_launcher_refuses_a_repository_without_artifacts(tmp_path):
                             metrics_port=free_port(), build_dir=tmp_path)
     with pytest.raises(LaunchError, match="make repository"):
         TritonServer(options).start()
+
+
+def test_requests_cancelled_while_queued_are_skipped(triton, grpc_client, reference_mel, speech_1s):
+    """A client that gave up (deadline) while its request queued behind a long one costs no compute."""
+    before = triton.log_file.read_text().count("skipped a request cancelled by its client")
+    done: "queue.Queue[object]" = queue.Queue()
+    long_mel = np.zeros((100, 5_600), np.float32)  # about 60 s of audio: keeps vocos_mel busy
+    grpc_client.async_infer("vocos_mel", make_inputs({"mel": long_mel}), callback=lambda result, error: done.put(error),
+                            client_timeout=120)
+    statuses = []
+    for _ in range(3):
+        try:
+            grpc_client.infer("vocos_mel", make_inputs({"mel": long_mel[:, :5_000].copy()}), client_timeout=0.2)
+        except InferenceServerException as exc:
+            statuses.append(exc.status())
+    assert done.get(timeout=120) is None
+    assert statuses.count("StatusCode.DEADLINE_EXCEEDED") >= 1
+    mel = ref.mel_features(reference_mel, speech_1s)
+    assert ref.max_error(infer(grpc_client, "vocos_mel", mel=mel), ref.mel_decode(reference_mel, mel)) <= TOLERANCE
+    after = triton.log_file.read_text().count("skipped a request cancelled by its client")
+    assert after > before

@@ -113,6 +113,10 @@ class RaggedBatchModel:
         rows_per_request: Dict[int, int] = {}
         items: List[Item] = []
         for r, request in enumerate(requests):
+            if request.is_cancelled():  # its client gave up while it queued: do not spend the cores on it
+                responses[r] = self.error_response(f"{self.name}: request cancelled", self.pb.TritonError.CANCELLED)
+                log.warning("%s: skipped a request cancelled by its client", self.name)
+                continue
             try:
                 arrays = self.read_inputs(request)
                 rows = [self.parse_row({n: a[i] for n, a in arrays.items()}) for i in range(self.batch_size(arrays))]
