@@ -11,14 +11,14 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from ._client import ProgressCallback, triton_inputs
-from ._common import ENTRY_MODELS, Attempts, BatchItem, Options, PathOrStr, prepare_batch, waveform
+from ._common import ENTRY_MODELS, Attempts, BatchItem, ClientBase, prepare_batch, waveform
 from ._errors import ServerUnavailableError, VocosError, from_triton
-from ._inputs import OUTPUT, SAMPLE_RATE, ArrayLike, Request
+from ._inputs import OUTPUT, ArrayLike, Request
 
 log = logging.getLogger("vocos_client")
 
 
-class AsyncVocosClient:
+class AsyncVocosClient(ClientBase):
     """The asyncio twin of :class:`~vocos_client.VocosClient`: same arguments, same methods, awaited.
 
     The gRPC channel is opened on first use, inside the running event loop (a ``grpc.aio`` channel
@@ -29,33 +29,10 @@ class AsyncVocosClient:
     milliseconds even for 60 s of audio.
     """
 
-    sample_rate: int = SAMPLE_RATE
-
-    def __init__(
-        self,
-        url: str = "localhost:8001",
-        *,
-        timeout: Optional[float] = 60.0,
-        retries: int = 3,
-        backoff: float = 0.2,
-        ssl: bool = False,
-        root_certificates: Optional[PathOrStr] = None,
-        private_key: Optional[PathOrStr] = None,
-        certificate_chain: Optional[PathOrStr] = None,
-        max_seconds: float = 60.0,
-        validate: bool = True,
-    ) -> None:
-        self._options = Options.make(url, timeout=timeout, retries=retries, backoff=backoff, ssl=ssl,
-                                     root_certificates=root_certificates, private_key=private_key,
-                                     certificate_chain=certificate_chain, validate=validate,
-                                     max_seconds=max_seconds)
+    def _open(self) -> None:
         self._client: Optional[aioclient.InferenceServerClient] = None
         self._closed = False
         self._outputs = [aioclient.InferRequestedOutput(OUTPUT)]
-
-    @property
-    def url(self) -> str:
-        return self._options.url
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def close(self) -> None:
@@ -70,9 +47,6 @@ class AsyncVocosClient:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"AsyncVocosClient({self.url!r}, timeout={self._options.timeout}, retries={self._options.retries})"
 
     def _triton(self) -> aioclient.InferenceServerClient:
         if self._closed:

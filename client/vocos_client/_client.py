@@ -11,9 +11,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from ._common import ENTRY_MODELS, Attempts, BatchItem, Options, PathOrStr, prepare_batch, waveform
+from ._common import ENTRY_MODELS, Attempts, BatchItem, ClientBase, prepare_batch, waveform
 from ._errors import InvalidInputError, ServerUnavailableError, VocosError, from_triton
-from ._inputs import OUTPUT, SAMPLE_RATE, ArrayLike, Request
+from ._inputs import OUTPUT, ArrayLike, Request
 
 log = logging.getLogger("vocos_client")
 
@@ -33,7 +33,7 @@ def triton_inputs(module: Any, request: Request) -> List[Any]:
     return made
 
 
-class VocosClient:
+class VocosClient(ClientBase):
     """Synthesize 24 kHz speech with the Vocos models on a Triton server (gRPC).
 
     Args:
@@ -54,27 +54,7 @@ class VocosClient:
     Use it as a context manager, or call :meth:`close`. Thread-safe: one client can serve many threads.
     """
 
-    #: Sample rate of every waveform the models return.
-    sample_rate: int = SAMPLE_RATE
-
-    def __init__(
-        self,
-        url: str = "localhost:8001",
-        *,
-        timeout: Optional[float] = 60.0,
-        retries: int = 3,
-        backoff: float = 0.2,
-        ssl: bool = False,
-        root_certificates: Optional[PathOrStr] = None,
-        private_key: Optional[PathOrStr] = None,
-        certificate_chain: Optional[PathOrStr] = None,
-        max_seconds: float = 60.0,
-        validate: bool = True,
-    ) -> None:
-        self._options = Options.make(url, timeout=timeout, retries=retries, backoff=backoff, ssl=ssl,
-                                     root_certificates=root_certificates, private_key=private_key,
-                                     certificate_chain=certificate_chain, validate=validate,
-                                     max_seconds=max_seconds)
+    def _open(self) -> None:
         self._client: Optional[grpcclient.InferenceServerClient] = grpcclient.InferenceServerClient(
             **self._options.client_kwargs())
         self._outputs = [grpcclient.InferRequestedOutput(OUTPUT)]
@@ -82,10 +62,6 @@ class VocosClient:
         # millisecond, which is a tenth of a 1 s clip's synthesis.
         self._pools: Dict[int, ThreadPoolExecutor] = {}
         self._pools_lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return self._options.url
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -109,9 +85,6 @@ class VocosClient:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"VocosClient({self.url!r}, timeout={self._options.timeout}, retries={self._options.retries})"
 
     def _triton(self) -> grpcclient.InferenceServerClient:
         if self._client is None:

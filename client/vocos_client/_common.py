@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._errors import InvalidInputError, ServerError, ServerUnavailableError, VocosError
-from ._inputs import MODELS, OUTPUT, Limits, Request, prepare
+from ._inputs import MODELS, OUTPUT, SAMPLE_RATE, Limits, Request, prepare
 
 log = logging.getLogger("vocos_client")
 
@@ -86,6 +86,47 @@ class Options:
 
     def prepare(self, **kwargs: Any) -> Request:
         return prepare(limits=self.limits, validate=self.validate, **kwargs)
+
+
+class ClientBase:
+    """What both clients share before they talk: the validated options, ``url``, ``sample_rate``, repr.
+
+    The arguments are documented on :class:`vocos_client.VocosClient`; each client sets up its own
+    transport in :meth:`_open`.
+    """
+
+    #: Sample rate of every waveform the models return.
+    sample_rate: int = SAMPLE_RATE
+
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        *,
+        timeout: Optional[float] = 60.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        ssl: bool = False,
+        root_certificates: Optional[PathOrStr] = None,
+        private_key: Optional[PathOrStr] = None,
+        certificate_chain: Optional[PathOrStr] = None,
+        max_seconds: float = 60.0,
+        validate: bool = True,
+    ) -> None:
+        self._options = Options.make(url, timeout=timeout, retries=retries, backoff=backoff, ssl=ssl,
+                                     root_certificates=root_certificates, private_key=private_key,
+                                     certificate_chain=certificate_chain, validate=validate,
+                                     max_seconds=max_seconds)
+        self._open()
+
+    def _open(self) -> None:
+        """Set up the client's transport state (called once, at the end of ``__init__``)."""
+
+    @property
+    def url(self) -> str:
+        return self._options.url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, timeout={self._options.timeout}, retries={self._options.retries})"
 
 
 class Attempts:

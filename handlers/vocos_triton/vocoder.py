@@ -237,8 +237,3 @@ class BatchedVocos(nn.Module):
     @torch.jit.export
     def output_samples(self, lengths: torch.Tensor) -> torch.Tensor:
         return (lengths - 1) * self.hop_length if self.centered else lengths * self.hop_length
-
-
-def split_outputs(waveform: torch.Tensor, samples: List[int]) -> List[torch.Tensor]:
-    """Cut each item's audio out of a padded (B, L) batch."""
-    return [waveform[i, :n] for i, n in enumerate(samples)]
