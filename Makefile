@@ -28,7 +28,26 @@ LOAD_ARGS ?=
 
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install system-deps repository serve test check-contract profiles load-test bench clean
+# The serving runtime: the environment the Python-backend stubs embed. It needs only torch (to load
+# TorchScript), and a CPU-only torch costs each of the five stubs about 160 MB less than the pinned
+# CUDA build (see handlers/vocos_triton/runtime.py). On this machine kind `torch==2.13.0` is a CPU-only
+# build on disk; elsewhere ask for one, e.g. RUNTIME_TORCH='torch==2.13.0+cpu'
+# RUNTIME_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'. PROFILE=gpu serves from
+# $(VENV) (CUDA torch) instead.
+RUNTIME_VENV ?= .venv-runtime
+RUNTIME_TORCH ?= torch==2.13.0
+RUNTIME_PIP_ARGS ?=
+ifeq ($(PROFILE),gpu)
+RUNTIME_PYTHON := $(abspath $(PY))
+RUNTIME_TARGET := $(INSTALLED)
+else
+RUNTIME_PYTHON := $(abspath $(RUNTIME_VENV))/bin/python
+RUNTIME_TARGET := $(RUNTIME_VENV)/.installed
+endif
+# read by vocos_triton.server (and so by the tests, the bench and the load test)
+export VOCOS_RUNTIME_PYTHON := $(RUNTIME_PYTHON)
+
+.PHONY: install runtime system-deps repository serve test check-contract profiles load-test bench clean
 
 install: $(INSTALLED)
 
@@ -36,6 +55,14 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.[server,client,load,dev]'
+	touch $@
+
+runtime: $(RUNTIME_TARGET)
+
+$(RUNTIME_VENV)/.installed: pyproject.toml
+	test -x $(RUNTIME_VENV)/bin/python || $(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install --quiet --upgrade pip
+	$(RUNTIME_VENV)/bin/pip install --quiet $(RUNTIME_PIP_ARGS) '$(RUNTIME_TORCH)' -e '.[runtime]'
 	touch $@
 
 # espeak-ng makes the speech the tests, benchmarks and load tests use; sox for inspecting audio.
@@ -55,11 +82,11 @@ endif
 repository: install
 	$(PY) -m vocos_triton.export --output $(REPOSITORY) --precision $(PRECISION) $(WEIGHT_ARGS)
 
-serve: repository
+serve: repository runtime
 	$(PY) -m vocos_triton.server --model-repository $(REPOSITORY) --host $(HOST) \
 	  --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --profile $(PROFILE)
 
-test: install system-deps
+test: install runtime system-deps
 	$(PY) -m vocos_triton.profiles --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -70,16 +97,16 @@ check-contract: install
 	$(PY) ../shared/tools/check_contract.py $(REPOSITORY)
 
 # Locust, headless, against a tritonserver it starts on free ports; CSV + HTML + summary in results/<stamp>/.
-load-test: install system-deps
+load-test: install runtime system-deps
 	@test -f $(REPOSITORY)/vocos_mel/1/model.pt || $(MAKE) repository
 	$(PY) load_tests/run_load_test.py --repository $(REPOSITORY) --profile $(PROFILE) \
 	  --users $(LOAD_USERS) --spawn-rate $(LOAD_SPAWN_RATE) --duration $(LOAD_DURATION) \
 	  --paths $(LOAD_PATHS) --results-dir results $(LOAD_ARGS)
 
 # Side-by-side benchmark (reference eager vs TorchScript in-process vs Triton) on the repository's weights.
-bench: install system-deps
+bench: install runtime system-deps
 	@test -f $(REPOSITORY)/vocos_mel/1/model.pt || $(MAKE) repository
 	$(PY) load_tests/bench.py --repository $(REPOSITORY) --out results/bench --int8
 
 clean:
-	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/provenance.json
+	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/codebooks.npy $(REPOSITORY)/*/1/provenance.json

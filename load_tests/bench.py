@@ -1,7 +1,9 @@
 """Side-by-side benchmark: reference eager ``vocos`` vs our TorchScript modules in-process vs Triton.
 
 One run, same machine, same weights (the ones ``model_repository/`` was built from, found through
-its provenance files). For both variants (mel: mel -> waveform; EnCodec: codes -> waveform), 1 s and
+its provenance files). The reference runs here (it needs torchaudio, hence the pinned torch); the
+in-process column runs in a worker started with the serving runtime's python (``inprocess_worker.py``),
+so that it and the Triton stubs run the modules under the same torch. For both variants (mel: mel -> waveform; EnCodec: codes -> waveform), 1 s and
 10 s clips, batch 1 and 8, it measures throughput as a real-time factor (audio seconds per wall
 second), interleaving the systems round by round so that machine noise hits all of them alike
 (warm-up rounds, then the median of ``--repeats``). Triton runs at concurrency 1 (batch 1) and 8
@@ -20,23 +22,28 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-# Same OpenMP policy as the server's stubs (see vocos_triton.server): threads that spin after a forward
-# would steal the cores from whichever system is measured next. Set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from vocos_triton.server import openmp_environment
+
+# The same OpenMP settings as the server's stubs, here and in the in-process worker (it inherits
+# them): all three systems run under one policy. Set before torch is imported.
+os.environ.update(openmp_environment(dict(os.environ)))
 import torch  # noqa: E402
 
 from vocos_triton import checkpoints as ck  # noqa: E402
 from vocos_triton.contract import SAMPLE_RATE
 from vocos_triton.export import ARTIFACT, PROVENANCE
 from vocos_triton.memory import process_tree_pss
+from vocos_triton.runtime import Runtime
 from vocos_triton.server import ServerOptions, TritonServer, free_port
 from vocos_triton.speech import speech_clip
 
@@ -49,7 +56,8 @@ class Case:
     variant: str  # "mel" or "encodec"
     seconds: int
     batch: int
-    runners: Dict[str, Callable[[], object]] = field(default_factory=dict)
+    # a callable timed here, or the name of a case of the in-process worker (timed there)
+    runners: Dict[str, Union[str, Callable[[], object]]] = field(default_factory=dict)
     times: Dict[str, List[float]] = field(default_factory=dict)
 
     @property
@@ -75,11 +83,37 @@ def load_references(repository: Path):
     return reference_mel, reference_encodec
 
 
-def build_cases(repository: Path, reference_mel, reference_encodec, client, seconds_list, batches) -> List[Case]:
-    load = lambda name: torch.jit.load(str(repository / name / "1" / ARTIFACT)).eval()  # noqa: E731
-    vocos_mel, embedding, vocos_encodec = load("vocos_mel"), load("encodec_embedding"), load("vocos_encodec")
+class InProcessWorker:
+    """``inprocess_worker.py`` in the serving runtime; calling ``run(case)`` returns the forward's seconds."""
+
+    def __init__(self, runtime: Runtime, repository: Path, inputs: Dict[str, np.ndarray], threads: int) -> None:
+        self._inputs = tempfile.NamedTemporaryFile(suffix=".npz")
+        np.savez(self._inputs, **inputs)
+        self._inputs.flush()
+        self.process = subprocess.Popen(
+            [str(runtime.python), str(Path(__file__).with_name("inprocess_worker.py")), str(repository),
+             self._inputs.name, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.banner = self.process.stdout.readline().strip()
+        if not self.banner.startswith("ready"):
+            raise RuntimeError(f"in-process worker failed to start ({runtime.python})")
+
+    def run(self, case: str) -> float:
+        self.process.stdin.write(f"run {case}\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.close()
+            self.process.wait(30)
+        self._inputs.close()
+
+
+def build_cases(reference_mel, reference_encodec, client, seconds_list, batches) -> "tuple[List[Case], Dict]":
+    """The cases, with their reference and Triton runners, and the in-process inputs by case name."""
     bandwidth_id = torch.tensor([2])
-    cases = []
+    cases, inprocess_inputs = [], {}
     for seconds in seconds_list:
         audio = torch.from_numpy(speech_clip(seconds * SAMPLE_RATE, seed=seconds))[None]
         with torch.inference_mode():
@@ -88,36 +122,40 @@ def build_cases(repository: Path, reference_mel, reference_encodec, client, seco
             codes = reference_encodec.feature_extractor.get_encodec_codes(audio)  # (8, 1, T)
         for batch in batches:
             mels, batch_codes = mel.repeat(batch, 1, 1), codes.repeat(1, batch, 1)
-            frames = torch.full((batch,), mel.shape[-1])
-            code_frames = torch.full((batch,), codes.shape[-1])
-            zeros, ids, k = torch.zeros(batch, dtype=torch.long), bandwidth_id.repeat(batch), torch.full((batch,), 8)
             codes_bkt = batch_codes.transpose(0, 1).contiguous()
             mel_items = [m.numpy() for m in mels]
             code_items = [{"codes": c.numpy(), "bandwidth": BANDWIDTH} for c in codes_bkt]
+            mel_case, encodec_case = f"mel-{seconds}s-b{batch}", f"encodec-{seconds}s-b{batch}"
+            inprocess_inputs[f"{mel_case}.mel"] = mels.numpy()
+            inprocess_inputs[f"{encodec_case}.codes"] = codes_bkt.numpy()
             cases.append(Case("mel", seconds, batch, {
                 "reference": lambda m=mels: reference_mel.decode(m),
-                "in-process": lambda m=mels, f=frames, z=zeros: vocos_mel(m, f, z),
+                "in-process": mel_case,
                 "triton": (lambda i=mel_items: client.synthesize(mel=i[0])) if batch == 1
                 else (lambda i=mel_items: client.synthesize_batch(i, max_concurrency=batch)),
             }))
             cases.append(Case("encodec", seconds, batch, {
                 "reference": lambda c=batch_codes, b=bandwidth_id: reference_encodec.decode(
                     reference_encodec.codes_to_features(c), bandwidth_id=b),
-                "in-process": lambda c=codes_bkt, f=code_frames, i=ids, k=k: vocos_encodec(embedding(c, k), f, i),
+                "in-process": encodec_case,
                 "triton": (lambda i=code_items: client.synthesize(**i[0])) if batch == 1
                 else (lambda i=code_items: client.synthesize_batch(i, max_concurrency=batch)),
             }))
-    return cases
+    return cases, inprocess_inputs
 
 
-def measure(cases: List[Case], repeats: int, warmup: int = 2) -> None:
+def measure(cases: List[Case], worker: InProcessWorker, repeats: int, warmup: int = 2) -> None:
+    """Round-robin over cases and systems; a string runner is a case of the in-process worker."""
     with torch.inference_mode():
         for round_index in range(warmup + repeats):
             for case in cases:
                 for system, run in case.runners.items():
-                    started = time.perf_counter()
-                    run()
-                    elapsed = time.perf_counter() - started
+                    if isinstance(run, str):
+                        elapsed = worker.run(run)
+                    else:
+                        started = time.perf_counter()
+                        run()
+                        elapsed = time.perf_counter() - started
                     if round_index >= warmup:
                         case.times.setdefault(system, []).append(elapsed)
 
@@ -203,10 +241,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     with TritonServer(options, log_file=args.out / "tritonserver.log") as server, \
             VocosClient(server.grpc_url, timeout=120) as client:
         memory_idle = process_tree_pss(server.process.pid)
-        cases = build_cases(args.repository, reference_mel, reference_encodec, client, args.seconds, args.batches)
-        log.info("measuring %d cases x 3 systems, %d repeats (torch threads here: %d)",
-                 len(cases), args.repeats, torch.get_num_threads())
-        measure(cases, args.repeats)
+        cases, inputs = build_cases(reference_mel, reference_encodec, client, args.seconds, args.batches)
+        worker = InProcessWorker(server.runtime, args.repository.resolve(), inputs, args.threads)
+        try:
+            log.info("measuring %d cases x 3 systems, %d repeats; reference: torch %s, %d threads; "
+                     "in-process and Triton: %s; in-process worker: %s", len(cases), args.repeats,
+                     torch.__version__, torch.get_num_threads(), server.runtime.describe(), worker.banner)
+            measure(cases, worker, args.repeats)
+        finally:
+            worker.close()
         memory_loaded = process_tree_pss(server.process.pid)
     rows = print_table(cases)
     one_second = {r["variant"]: r for r in rows if r["seconds"] == 1 and r["batch"] == 1}
@@ -217,8 +260,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{memory_loaded['total_mb']:.0f} MB after the benchmark")
     for name, mb in sorted(memory_loaded["processes"].items()):
         print(f"  {name:40} {mb:7.0f} MB")
+    print(f"reference: torch {torch.__version__}; in-process and Triton stubs: {server.runtime.describe()}")
     report = {"rows": rows, "added_latency_ms": added, "memory": {"idle": memory_idle, "loaded": memory_loaded},
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "reference_torch": torch.__version__,
+              "runtime": server.runtime.describe()}
     if args.int8:
         report["int8"] = int8_report(args.repository, reference_mel, args.repeats)
         q = report["int8"]

@@ -14,6 +14,8 @@ import torch
 
 import reference_outputs as ref
 from vocos_triton import export
+from vocos_triton import checkpoints as ck
+from vocos_triton.codebooks import TABLE_FILE
 from vocos_triton.export import ARTIFACT, PROVENANCE, ParityError, build_repository, pad_batch
 from vocos_triton.quantized import fidelity
 from vocos_triton.speech import speech_clip
@@ -29,9 +31,15 @@ def test_provenance_records_sources_hashes_and_parity(repository: Path, model: s
     assert provenance["random_weights"] is True and "RANDOM WEIGHTS" in provenance["warning"]
     assert provenance["torch_version"] == torch.__version__
     assert provenance["parity"]["max_abs_error_vs_reference"] <= export.REFERENCE_TOLERANCE
-    assert provenance["parity"]["max_abs_error_script_vs_eager"] <= export.SCRIPT_TOLERANCE
-    artifact = repository / model / "1" / ARTIFACT
+    if model == "encodec_embedding":  # a numpy table, equal to the reference bit for bit
+        assert provenance["artifact"]["file"] == TABLE_FILE
+        assert provenance["parity"]["max_abs_error_vs_reference"] == 0.0
+    else:
+        assert provenance["artifact"]["file"] == ARTIFACT
+        assert provenance["parity"]["max_abs_error_script_vs_eager"] <= export.SCRIPT_TOLERANCE
+    artifact = repository / model / "1" / provenance["artifact"]["file"]
     assert provenance["artifact"]["bytes"] == artifact.stat().st_size
+    assert provenance["artifact"]["sha256"] == ck.sha256_of(artifact)
     for source in provenance["sources"].values():
         hashes = source["sha256"]
         assert all(len(h) == 64 for h in (hashes.values() if isinstance(hashes, dict) else [hashes]))
@@ -78,8 +86,11 @@ def test_artifacts_run_without_torchaudio_encodec_or_vocos(repository):
                 if name.split(".")[0] in BLOCKED:
                     raise ImportError(f"{{name}} is blocked in this test")
         sys.meta_path.insert(0, Block())
+        import numpy as np
         import torch
         import vocos_triton.serving.models  # the Triton-side code imports cleanly too
+        import vocos_triton.serving.embedding
+        from vocos_triton.codebooks import CodebookTable
         repo = {str(repository)!r}
         audio = torch.randn(2, 24000) * 0.1
         lengths = torch.tensor([24000, 5000])
@@ -88,7 +99,8 @@ def test_artifacts_run_without_torchaudio_encodec_or_vocos(repository):
         wave = load("vocos_mel")(mel, torch.tensor([94, 20]), torch.zeros(2, dtype=torch.long))
         codes = load("encodec_encoder")(audio, lengths, torch.tensor([8, 2]))
         codes = codes.clamp(min=0)
-        features = load("encodec_embedding")(codes, torch.tensor([8, 2]))
+        table = CodebookTable.load(f"{{repo}}/encodec_embedding/1/codebooks.npy")
+        features = torch.from_numpy(np.stack([table.features(codes[0, :8].numpy()), table.features(codes[1, :2].numpy())]))
         wave2 = load("vocos_encodec")(features, torch.tensor([75, 16]), torch.tensor([2, 0]))
         assert wave.shape == (2, 93 * 256) and wave2.shape == (2, 75 * 320), (wave.shape, wave2.shape)
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
@@ -100,8 +112,31 @@ def test_artifacts_run_without_torchaudio_encodec_or_vocos(repository):
     assert result.stdout.strip().endswith("ok")
 
 
+def test_embedding_model_runs_without_torch(repository):
+    """The encodec_embedding stub must not pay for a torch import: its code imports none."""
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from vocos_triton.codebooks import CodebookTable
+        from vocos_triton.serving.embedding import EncodecEmbeddingModel
+        table = CodebookTable.load({str(repository / "encodec_embedding" / "1" / TABLE_FILE)!r})
+        assert table.features(np.zeros((8, 75), np.int64)).shape == (128, 75)
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
 def test_artifact_sizes_are_what_the_weights_need(repository):
-    sizes = {m: (repository / m / "1" / ARTIFACT).stat().st_size for m in MODELS}
+    sizes = {m: (repository / m / "1" / json.loads((repository / m / "1" / PROVENANCE).read_text())["artifact"]["file"])
+             .stat().st_size for m in MODELS}
     assert 53e6 < sizes["vocos_mel"] < 56e6  # 13.5 M float32 parameters
     assert sizes["encodec_embedding"] < 9e6  # 16 x 1024 x 128 float32 codebook weights
     assert sizes["mel_features"] < 1e6  # window + filterbank
@@ -139,3 +174,12 @@ def test_opt_in_int8_vocoder_records_its_fidelity_and_stays_batch_independent(tm
             alone = vocoder(m[None], frames[i : i + 1], torch.zeros(1, dtype=torch.long))[0]
             n = alone.shape[-1]
             assert fidelity(alone, batched[i, :n])["snr_db"] >= provenance["parity"]["min_snr_db_vs_reference"] + 6
+
+
+def test_int8_vocoder_keeps_the_mode_of_its_source(reference_mel):
+    """The bench and the export freeze it, which needs eval mode: the wrapper must not reset it."""
+    from vocos_triton.quantized import quantize_vocoder
+
+    quantized = quantize_vocoder(BatchedVocos(reference_mel).eval())
+    assert not any(m.training for m in quantized.modules())
+    torch.jit.freeze(torch.jit.script(quantized))

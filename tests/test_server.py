@@ -4,6 +4,7 @@ from __future__ import annotations
 import queue
 import socket
 import urllib.request
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -14,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 import reference_outputs as ref
 from triton_helpers import bandwidth_tensor, infer, make_inputs
 from vocos_triton.contract import BANDWIDTHS, CODEBOOKS, max_samples, mel_frames
-from vocos_triton.server import LaunchError, ServerOptions, TritonServer, free_port
+from vocos_triton.server import LaunchError, ServerOptions, TritonServer, free_port, python_stubs
 from vocos_triton.speech import speech_clip
 
 TOLERANCE = 1e-4
@@ -197,6 +198,28 @@ def test_launcher_refuses_a_repository_without_artifacts(tmp_path):
     options = ServerOptions(model_repository=tmp_path, grpc_port=free_port(), http_port=free_port(),
                             metrics_port=free_port(), build_dir=tmp_path)
     with pytest.raises(LaunchError, match="make repository"):
+        TritonServer(options).start()
+
+
+def test_stubs_run_in_the_serving_runtime_and_the_embedding_without_torch(triton):
+    """Each stub embeds the runtime's Python (its torch is what the stub maps), and the numpy
+    embedding maps no torch at all: the memory the lean runtime is for."""
+    runtime = triton.runtime
+    stubs = python_stubs(triton.process.pid)
+    assert sorted(stubs.values()) == ["encodec_embedding", "encodec_encoder", "mel_features", "vocos_encodec", "vocos_mel"]
+    for pid, model in stubs.items():
+        libraries = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                     if "libtorch_cpu.so" in line}
+        if model == "encodec_embedding":
+            assert not libraries, f"{model} imported torch"
+        else:
+            assert libraries and all(lib.startswith(f"{runtime.prefix}/") for lib in libraries), (model, libraries)
+
+
+def test_launcher_refuses_a_runtime_that_cannot_serve(repository, tmp_path):
+    options = ServerOptions(model_repository=repository, grpc_port=free_port(), http_port=free_port(),
+                            metrics_port=free_port(), build_dir=tmp_path, runtime_python=tmp_path / "no" / "python")
+    with pytest.raises(LaunchError, match="make runtime"):
         TritonServer(options).start()
 
 

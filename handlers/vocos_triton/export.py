@@ -1,9 +1,11 @@
-"""Build the model repository: checkpoints -> verified TorchScript artifacts + provenance.
+"""Build the model repository: checkpoints -> verified artifacts + provenance.
 
-For every Python-backend model of the contract this writes ``<repo>/<model>/1/model.pt`` and
-``<repo>/<model>/1/provenance.json``. Before writing, each module is checked twice on a ragged batch
-of probe lengths: the eager module against the reference packages (``vocos`` / ``encodec``), and the
-TorchScript module against the eager one. An artifact that disagrees is not written.
+For every Python-backend model of the contract this writes ``<repo>/<model>/1/model.pt`` (TorchScript;
+``codebooks.npy`` for ``encodec_embedding``, which runs in numpy, see :mod:`vocos_triton.codebooks`)
+and ``<repo>/<model>/1/provenance.json``. Before writing, each module is checked twice on a ragged
+batch of probe lengths: the eager module against the reference packages (``vocos`` / ``encodec``),
+and the TorchScript module against the eager one; the codebook table against the reference alone.
+An artifact that disagrees is not written.
 
 Command line (``make repository``)::
 
@@ -20,14 +22,16 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import checkpoints as ck
+from .codebooks import TABLE_FILE, CodebookTable
 from .contract import BANDWIDTHS, CODEBOOKS
 from .encoder import EncodecEncoder
-from .features import CodebookEmbedding, MelFeatures
+from .features import MelFeatures
 from .quantized import fidelity, quantize_vocoder, set_quantized_engine
 from .random_checkpoints import WARNING as RANDOM_WARNING
 from .random_checkpoints import synthetic_voice, write_all
@@ -75,7 +79,7 @@ class Probe:
 @dataclass
 class Artifact:
     name: str
-    module: torch.nn.Module
+    module: Union[torch.nn.Module, CodebookTable]
     probe: Probe
     sources: Dict[str, object]
     #: None: must equal the reference to REFERENCE_TOLERANCE; else the least SNR (dB) an approximation needs
@@ -133,13 +137,8 @@ def _references(
                 "encodec_encoder", EncodecEncoder(extractor.encodec),
                 Probe((pad_batch(audio), lengths, num_codebooks), codes), sources))
             features = [reference.codes_to_features(c)[0] for c in codes]
-            padded_codes = torch.zeros(len(codes), max(CODEBOOKS), max(c.shape[1] for c in codes), dtype=torch.long)
-            for i, c in enumerate(codes):
-                padded_codes[i, : c.shape[0], : c.shape[1]] = c
-            artifacts.append(Artifact(
-                "encodec_embedding", CodebookEmbedding(extractor.codebook_weights, extractor.encodec.quantizer.bins),
-                Probe((padded_codes, num_codebooks), features),
-                sources))
+            table = CodebookTable(extractor.codebook_weights.detach().cpu().numpy(), extractor.encodec.quantizer.bins)
+            artifacts.append(Artifact("encodec_embedding", table, Probe(tuple(codes), features), sources))
             waves = [reference.decode(f[None], bandwidth_id=b.view(1))[0] for f, b in zip(features, bandwidth_ids)]
             frames = torch.tensor([f.shape[-1] for f in features])
             artifacts.append(Artifact(
@@ -185,12 +184,21 @@ def script_and_verify(artifact: Artifact, freeze: bool = True) -> Tuple[torch.ji
     }
 
 
+def verify_table(artifact: Artifact) -> Dict[str, float]:
+    """Check the numpy codebook table against the reference's ``codes_to_features``, item by item."""
+    error = max(float(np.abs(artifact.module.features(codes.numpy()) - expected.numpy()).max())
+                for codes, expected in zip(artifact.probe.inputs, artifact.probe.expected))
+    if error > REFERENCE_TOLERANCE:
+        raise ParityError(f"{artifact.name}: the codebook table differs from the reference by {error:.3g}")
+    return {"max_abs_error_vs_reference": error, "probe_items": len(artifact.probe.expected)}
+
+
 def copy_template(output: Path, template: Path = TEMPLATE_REPOSITORY) -> None:
     """Copy the committed configs and model.py files into ``output`` (a repository elsewhere)."""
     if output.resolve() == template.resolve():
         return
     shutil.copytree(template, output, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(ARTIFACT, PROVENANCE, "__pycache__"))
+                    ignore=shutil.ignore_patterns(ARTIFACT, TABLE_FILE, PROVENANCE, "__pycache__"))
 
 
 def build_repository(
@@ -213,11 +221,16 @@ def build_repository(
     for artifact in _references(mel, vocos_encodec, encodec):
         if precision == "int8" and isinstance(artifact.module, BatchedVocos):
             artifact = quantized(artifact)
-        scripted, parity = script_and_verify(artifact, freeze=freeze)
         version_dir = output / artifact.name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
-        path = version_dir / ARTIFACT
-        torch.jit.save(scripted, str(path))
+        if isinstance(artifact.module, CodebookTable):
+            parity = verify_table(artifact)
+            path = version_dir / TABLE_FILE
+            artifact.module.save(path)
+        else:
+            scripted, parity = script_and_verify(artifact, freeze=freeze)
+            path = version_dir / ARTIFACT
+            torch.jit.save(scripted, str(path))
         provenance = {
             "model": artifact.name,
             "random_weights": random_weights,
@@ -225,15 +238,16 @@ def build_repository(
             "sources": artifact.sources,
             "torch_version": torch.__version__,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "frozen": freeze,
+            "frozen": freeze if path.name == ARTIFACT else None,
             "precision": artifact.precision,
             "parity": parity,
-            "artifact": {"file": ARTIFACT, "bytes": path.stat().st_size, "sha256": ck.sha256_of(path)},
+            "artifact": {"file": path.name, "bytes": path.stat().st_size, "sha256": ck.sha256_of(path)},
         }
         (version_dir / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         written[artifact.name] = provenance
-        log.info("%s: %d bytes, parity vs reference %.2e, script vs eager %.2e", artifact.name,
-                 path.stat().st_size, parity["max_abs_error_vs_reference"], parity["max_abs_error_script_vs_eager"])
+        log.info("%s: %s, %d bytes, parity vs reference %.2e, script vs eager %s", artifact.name, path.name,
+                 path.stat().st_size, parity["max_abs_error_vs_reference"],
+                 f"{parity['max_abs_error_script_vs_eager']:.2e}" if "max_abs_error_script_vs_eager" in parity else "n/a")
     return written
 
 

@@ -1,10 +1,9 @@
-"""Feature front ends as TorchScript-compatible modules over padded, ragged batches.
+"""The mel front end as a TorchScript-compatible module over padded, ragged batches.
 
-- :class:`MelFeatures`: ``vocos.feature_extractors.MelSpectrogramFeatures`` (torchaudio's centred
-  ``MelSpectrogram``, power 1, HTK mel, then ``safe_log``) using the checkpoint's own window and
-  filterbank buffers, so serving needs torch but not torchaudio.
-- :class:`CodebookEmbedding`: ``Vocos.codes_to_features`` (sum of per-codebook embeddings), with a
-  different number of codebooks per item.
+:class:`MelFeatures` is ``vocos.feature_extractors.MelSpectrogramFeatures`` (torchaudio's centred
+``MelSpectrogram``, power 1, HTK mel, then ``safe_log``) using the checkpoint's own window and
+filterbank buffers, so serving needs torch but not torchaudio. (The EnCodec front end,
+``Vocos.codes_to_features``, needs no torch at all: :mod:`vocos_triton.codebooks`.)
 """
 from __future__ import annotations
 
@@ -55,24 +54,3 @@ class MelFeatures(nn.Module):
     @torch.jit.export
     def output_frames(self, lengths: torch.Tensor) -> torch.Tensor:
         return 1 + torch.div(lengths, self.hop_length, rounding_mode="floor")
-
-
-class CodebookEmbedding(nn.Module):
-    """forward(codes (B, K, T) int64, num_codebooks (B,)) -> features (B, 128, T).
-
-    Item b sums the embeddings of its first ``num_codebooks[b]`` codebooks; codes of the rows past
-    that are ignored (they may hold anything in [0, 1024)).
-    """
-
-    def __init__(self, codebook_weights: torch.Tensor, bins: int = 1024) -> None:
-        super().__init__()
-        self.register_buffer("weight", codebook_weights.detach().clone())  # (16 * bins, 128)
-        self.bins: int = bins
-
-    def forward(self, codes: torch.Tensor, num_codebooks: torch.Tensor) -> torch.Tensor:
-        rows = codes.shape[1]
-        offsets = torch.arange(0, self.bins * rows, self.bins, device=codes.device)
-        embeddings = nn.functional.embedding(codes + offsets[None, :, None], self.weight)  # (B, K, T, C)
-        used = (torch.arange(rows, device=codes.device)[None, :] < num_codebooks[:, None]).to(embeddings.dtype)
-        features = (embeddings * used[:, :, None, None]).sum(dim=1)
-        return features.transpose(1, 2)

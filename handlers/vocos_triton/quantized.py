@@ -71,7 +71,7 @@ def quantize_vocoder(vocoder: BatchedVocos) -> ItemByItem:
         for name, child in list(module.named_children()):
             if isinstance(child, FusedLinear):
                 setattr(module, name, Int8Linear(child))
-    return ItemByItem(quantized)
+    return ItemByItem(quantized).train(vocoder.training)  # a new wrapper would start in training mode
 
 
 def fidelity(reference: torch.Tensor, approximation: torch.Tensor) -> Dict[str, float]:

@@ -2,13 +2,14 @@
 
 No Docker, and site-packages stays untouched: the Python backend folder Triton wants (backend
 library, ``triton_python_backend_utils.py`` and the stub for this Python version side by side) is
-assembled from symlinks in a build folder. The stubs embed the first ``python3`` on ``PATH``, so this
-virtual environment's ``bin`` goes first: ``model.py`` then imports our installed package.
+assembled from symlinks in a build folder. The stubs embed the first ``python3`` on ``PATH``, so the
+serving runtime's ``bin`` goes first (see :mod:`vocos_triton.runtime`): ``model.py`` then imports our
+package from there.
 
 Command line (``make serve``)::
 
     vocos-serve [--model-repository DIR] [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000]
-                [--metrics-port 8002] [--profile cpu|gpu]
+                [--metrics-port 8002] [--profile cpu|gpu] [--runtime-python PATH]
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 from .memory import process_tree, stub_model
+from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
 
 log = logging.getLogger("vocos_triton.server")
 
@@ -52,13 +54,14 @@ class TritonDistribution:
     backend_files: Sequence[Path]
 
     @classmethod
-    def find(cls) -> "TritonDistribution":
+    def find(cls, python_version: Optional[str] = None) -> "TritonDistribution":
+        """The wheel's files, with the stub built for ``python_version`` ("3.11"; default: this Python)."""
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
             raise LaunchError("nvidia-pytriton is not installed in this environment (pip install -e '.[server]')")
         package = Path(list(spec.submodule_search_locations)[0])
         root = package / "tritonserver"
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
         backend = root / "backends" / "python"
         files = [backend / "libtriton_python.so", backend / "triton_python_backend_utils.py", stub]
@@ -80,6 +83,24 @@ class TritonDistribution:
                 link.unlink()
             link.symlink_to(source)
         return python_dir.parent
+
+
+#: libgomp's busy-wait before an idle OpenMP thread sleeps (its default, 300000, is milliseconds).
+OPENMP_SPIN_COUNT = "10000"
+
+
+def openmp_environment(env: Dict[str, str]) -> Dict[str, str]:
+    """OpenMP settings for processes that run our modules, unless ``env`` already chooses some.
+
+    Every stub is its own process with its own OpenMP pool. With libgomp's default spin, threads
+    that finished a forward spin for milliseconds on cores the other stubs and the gRPC threads need
+    (measured: 2-5 ms per request); with OMP_WAIT_POLICY=PASSIVE they sleep between the many small
+    parallel regions of one forward, and waking them costs a 1 s clip about 4 ms (13.5 -> 9.8 ms).
+    A short spin keeps the threads awake inside a forward and lets them sleep soon after it.
+    """
+    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+        return {}
+    return {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
 
 
 def ensure_port_free(host: str, port: int, what: str) -> None:
@@ -191,6 +212,8 @@ class ServerOptions:
     exit_timeout_s: int = 30
     log_verbose: int = 0
     watchdog: bool = True  # reload models whose stub process died
+    # the environment the stubs embed: $VOCOS_RUNTIME_PYTHON (the Makefile's lean runtime) or this one
+    runtime_python: Path = field(default_factory=default_runtime_python)
     extra_args: List[str] = field(default_factory=list)
 
 
@@ -202,6 +225,7 @@ class TritonServer:
         self.log_file = log_file
         self.process: Optional[subprocess.Popen] = None
         self.watchdog: Optional[StubWatchdog] = None
+        self.runtime: Optional[Runtime] = None
         self._log_handle: Optional[IO[bytes]] = None
 
     @property
@@ -235,13 +259,11 @@ class TritonServer:
             args.append(f"--model-config-name={config_name}")
         return args + list(o.extra_args)
 
-    def environment(self, distribution: TritonDistribution) -> dict:
+    def environment(self, distribution: TritonDistribution, runtime: Runtime) -> dict:
         env = dict(os.environ)
-        # The stub embeds the first python3 on PATH: this environment's, so model.py sees our package.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        # Each stub is its own process with its own OpenMP pool; threads spinning after a forward steal
-        # the 2 cores from the other stubs and the gRPC threads (measured: -2 to -5 ms per request).
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # The stub embeds the first python3 on PATH: the runtime's, so model.py sees our package there.
+        env["PATH"] = os.pathsep.join([str(runtime.bin_dir), env.get("PATH", "")])
+        env.update(openmp_environment(env))
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in [str(distribution.library_dir), env.get("LD_LIBRARY_PATH", "")] if p)
         return env
@@ -254,7 +276,8 @@ class TritonServer:
             raise LaunchError(f"{o.model_repository}: no model.pt artifacts; build them first (make repository)")
         for what, port in (("gRPC", o.grpc_port), ("HTTP", o.http_port), ("Metrics", o.metrics_port)):
             ensure_port_free(o.host, port, what)
-        distribution = TritonDistribution.find()
+        self.runtime = runtime = self.check_runtime()
+        distribution = TritonDistribution.find(runtime.python_version)
         backend_dir = distribution.assemble_backends(o.build_dir)
         output = None
         if self.log_file is not None:
@@ -263,13 +286,25 @@ class TritonServer:
             output = self._log_handle
         log.info("starting %s", " ".join(self.command(distribution, backend_dir)))
         self.process = subprocess.Popen(
-            self.command(distribution, backend_dir), env=self.environment(distribution),
+            self.command(distribution, backend_dir), env=self.environment(distribution, runtime),
             stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True)
         self.wait_ready(ready_timeout_s)
         if o.watchdog:
             self.watchdog = StubWatchdog(self.process.pid, self.http_url)
             self.watchdog.start()
         return self
+
+    def check_runtime(self) -> Runtime:
+        try:
+            runtime = probe(self.options.runtime_python)
+        except UnusableRuntime as exc:
+            raise LaunchError(str(exc)) from exc
+        if self.options.profile == "gpu" and not runtime.cuda:
+            raise LaunchError(f"the GPU profile needs a CUDA build of torch in the runtime, and {runtime.python} has "
+                              f"torch {runtime.torch_version}; pass --runtime-python .venv/bin/python (make serve "
+                              "PROFILE=gpu does)")
+        log.info("serving runtime: %s", runtime.describe())
+        return runtime
 
     def is_ready(self) -> bool:
         try:
@@ -325,6 +360,7 @@ def _banner(server: TritonServer) -> str:
         f"  gRPC     {server.grpc_url}      e.g. VocosClient(\"{server.grpc_url}\")",
         f"  HTTP     {server.http_url}",
         f"  metrics  {server.metrics_url}",
+        f"  runtime  {server.runtime.describe() if server.runtime else '?'}",
         "Ctrl-C stops the server.",
     ]
     random_models = random_weight_models(o.model_repository)
@@ -346,12 +382,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     parser.add_argument("--exit-timeout", type=int, default=30)
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--runtime-python", type=Path, default=default_runtime_python(),
+                        help="python of the environment the stubs embed (default: $VOCOS_RUNTIME_PYTHON, else this one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = TritonServer(ServerOptions(
         model_repository=args.model_repository.resolve(), host=args.host, grpc_port=args.grpc_port,
         http_port=args.http_port, metrics_port=args.metrics_port, profile=args.profile,
-        build_dir=args.build_dir, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose))
+        build_dir=args.build_dir, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
+        runtime_python=args.runtime_python))
 
     stopping = []
 

@@ -3,8 +3,11 @@
 Triton's dynamic batcher hands ``execute()`` a list of requests of different lengths. Each request
 is validated on its own; a bad one gets its own ``INVALID_ARG`` response and the others go on. The
 valid items are sorted by length and cut into padded batches of at most ``max_padded_frames``
-(items x longest item), each run as one forward of the TorchScript module. A failure inside a forward
+(items x longest item), each run as one forward of the model's artifact. A failure inside a forward
 fails only the requests in that batch (``INTERNAL``), never the model.
+
+This module needs numpy only: a model that needs no torch (``encodec_embedding``) must not pay for
+importing it. The TorchScript models build on :class:`vocos_triton.serving.torchscript.TorchScriptModel`.
 """
 from __future__ import annotations
 
@@ -16,10 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..contract import DEFAULT_MAX_SECONDS, InvalidInput
-from ..quantized import set_quantized_engine
 
 log = logging.getLogger("vocos_triton.serving")
 
@@ -76,10 +77,8 @@ def pad_stack(arrays: Sequence[np.ndarray], dtype: np.dtype = np.float32, value:
 class RaggedBatchModel:
     """Base class of our ``TritonPythonModel`` implementations.
 
-    Subclasses set :attr:`artifact` and implement :meth:`parse_row` and :meth:`infer`.
+    Subclasses implement :meth:`load_artifact`, :meth:`parse_row` and :meth:`infer`.
     """
-
-    artifact = "model.pt"
 
     # -- Triton entry points -------------------------------------------------------------------
     def initialize(self, args: Dict[str, str]) -> None:
@@ -94,26 +93,20 @@ class RaggedBatchModel:
         self.max_seconds = self.float_parameter("max_seconds", DEFAULT_MAX_SECONDS)
         self.max_padded_frames = int(self.float_parameter("max_padded_frames", 16384))
         self.batch_overhead_frames = int(self.float_parameter("batch_overhead_frames", 64))
-        threads = int(self.float_parameter("torch_threads", 0))
-        if threads > 0:
-            torch.set_num_threads(threads)
-        if args.get("model_instance_kind") == "GPU":
-            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-        else:
-            self.device = torch.device("cpu")
-        set_quantized_engine()  # int8 artifacts (opt-in) repack their weights for this engine on load
-        path = os.path.join(args["model_repository"], args["model_version"], self.artifact)
-        self.module = torch.jit.load(path, map_location=self.device).eval()
+        # Asking whether a request was cancelled is an IPC round trip to tritonserver (about 0.1 ms):
+        # worth it before a forward of milliseconds, not before a table lookup of microseconds.
+        self.skip_cancelled = self.parameters.get("skip_cancelled", "true").strip().lower() != "false"
+        loaded = self.load_artifact(args, os.path.join(args["model_repository"], args["model_version"]))
         self.configure()
         self.warm_up()
-        log.info("%s: loaded %s on %s", self.name, path, self.device)
+        log.info("%s: loaded %s", self.name, loaded)
 
     def execute(self, requests: List[Any]) -> List[Any]:
         responses: List[Optional[Any]] = [None] * len(requests)
         rows_per_request: Dict[int, int] = {}
         items: List[Item] = []
         for r, request in enumerate(requests):
-            if request.is_cancelled():  # its client gave up while it queued: do not spend the cores on it
+            if self.skip_cancelled and request.is_cancelled():  # its client gave up while it queued: do not spend the cores on it
                 responses[r] = self.error_response(f"{self.name}: request cancelled", self.pb.TritonError.CANCELLED)
                 log.warning("%s: skipped a request cancelled by its client", self.name)
                 continue
@@ -138,8 +131,7 @@ class RaggedBatchModel:
             if not live:
                 continue
             try:
-                with torch.inference_mode():
-                    outputs = self.infer([it.data for it in live])
+                outputs = self.run_batch([it.data for it in live])
             except Exception as exc:  # one failed forward must not take the other batches down
                 log.exception("%s: inference failed for a batch of %d", self.name, len(live))
                 for it in live:
@@ -160,7 +152,7 @@ class RaggedBatchModel:
         return responses
 
     def finalize(self) -> None:
-        self.module = None
+        """Drop what :meth:`load_artifact` loaded (override)."""
 
     # -- helpers for subclasses ----------------------------------------------------------------
     def float_parameter(self, key: str, default: float) -> float:
@@ -186,10 +178,15 @@ class RaggedBatchModel:
     def error_response(self, message: str, code: int) -> Any:
         return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
 
-    def tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device)
+    def run_batch(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
+        """Run :meth:`infer` on one padded batch (a subclass may wrap it, e.g. in inference mode)."""
+        return self.infer(items)
 
     # -- subclass hooks ------------------------------------------------------------------------
+    def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
+        """Load what the model runs from ``version_dir``; return a description for the log."""
+        raise NotImplementedError
+
     def configure(self) -> None:
         """Read model-specific parameters (after the common ones)."""
 

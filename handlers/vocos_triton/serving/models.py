@@ -1,4 +1,5 @@
-"""The five Python-backend models of the serving contract (see ``model_repository/``).
+"""The four TorchScript models of the serving contract (see ``model_repository/``); the fifth,
+``encodec_embedding``, needs no torch and lives in :mod:`vocos_triton.serving.embedding`.
 
 Each ``model_repository/<model>/1/model.py`` imports one class from here as ``TritonPythonModel``.
 Limits come from the model's ``parameters`` in config.pbtxt: ``max_seconds`` (default 60),
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 
 from .. import contract as c
-from .base import RaggedBatchModel, pad_stack
+from .base import pad_stack
+from .torchscript import TorchScriptModel
 
 Row = Tuple[int, Dict[str, Any]]
 
@@ -24,7 +26,7 @@ def _lengths(items: List[Dict[str, Any]], key: str) -> torch.Tensor:
     return torch.tensor([item[key].shape[-1] for item in items], dtype=torch.long)
 
 
-class MelFeaturesModel(RaggedBatchModel):
+class MelFeaturesModel(TorchScriptModel):
     """audio (L,) -> mel (100, 1 + L // 256)."""
 
     def configure(self) -> None:
@@ -45,7 +47,7 @@ class MelFeaturesModel(RaggedBatchModel):
         return [{"mel": mel[i, :, : c.mel_frames(int(n))]} for i, n in enumerate(lengths)]
 
 
-class VocosMelModel(RaggedBatchModel):
+class VocosMelModel(TorchScriptModel):
     """mel (100, T), T >= 2 -> waveform ((T - 1) * 256,)."""
 
     min_frames = 2
@@ -69,11 +71,7 @@ class VocosMelModel(RaggedBatchModel):
         return [{"waveform": waveform[i, : c.mel_waveform_samples(int(n))]} for i, n in enumerate(frames)]
 
 
-def _bandwidth_row(row: Dict[str, np.ndarray]) -> float:
-    return c.scalar_bandwidth(row["bandwidth"])
-
-
-class EncodecEncoderModel(RaggedBatchModel):
+class EncodecEncoderModel(TorchScriptModel):
     """audio (L,), bandwidth (1,) kbps -> codes (K, ceil(L / 320)), K = 2/4/8/16."""
 
     min_samples = 1
@@ -86,7 +84,7 @@ class EncodecEncoderModel(RaggedBatchModel):
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
         audio = row["audio"]
-        codebooks = c.codebooks_for_bandwidth(_bandwidth_row(row))
+        codebooks = c.codebooks_for_bandwidth(c.scalar_bandwidth(row["bandwidth"]))
         c.validate_audio(audio, self.min_samples, self.max_samples)
         return c.encodec_frames(audio.shape[0]), {"audio": audio, "codebooks": codebooks}
 
@@ -106,34 +104,7 @@ class EncodecEncoderModel(RaggedBatchModel):
         ]
 
 
-class EncodecEmbeddingModel(RaggedBatchModel):
-    """codes (K, T), bandwidth (1,) -> features (128, T), bandwidth_id (1,)."""
-
-    min_frames = 1
-
-    def configure(self) -> None:
-        self.max_frames = c.encodec_frames(c.max_samples(self.max_seconds))
-
-    def warm_up(self) -> None:
-        self.infer([{"codes": np.zeros((16, 75), np.int64), "bandwidth_id": 3}])
-
-    def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
-        codes = row["codes"]
-        bandwidth = c.validate_codes(codes, _bandwidth_row(row), self.min_frames, self.max_frames)
-        return codes.shape[1], {"codes": codes, "bandwidth_id": c.bandwidth_id(bandwidth)}
-
-    def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
-        frames = _lengths(items, "codes")
-        padded = pad_stack([it["codes"] for it in items], np.int64)  # K and T both vary per item
-        num_codebooks = torch.tensor([it["codes"].shape[0] for it in items], dtype=torch.long)
-        features = self.module(self.tensor(padded), num_codebooks.to(self.device)).cpu().numpy()
-        return [
-            {"features": features[i, :, : int(n)], "bandwidth_id": np.array([it["bandwidth_id"]], np.int64)}
-            for i, (it, n) in enumerate(zip(items, frames))
-        ]
-
-
-class VocosEncodecModel(RaggedBatchModel):
+class VocosEncodecModel(TorchScriptModel):
     """features (128, T), bandwidth_id (1,) -> waveform (T * 320,)."""
 
     min_frames = 1

@@ -1,0 +1,70 @@
+"""The bench's "in-process" column: our TorchScript modules called directly, in the serving runtime.
+
+``bench.py`` runs the reference in its own interpreter (the reference needs torchaudio, hence the
+pinned torch), but the stubs run the modules in the serving runtime (``vocos_triton.runtime``, a
+CPU-only torch on the CPU profile). Comparing Triton against the modules under a different torch
+would measure the torch builds as much as Triton, so this worker, started with the runtime's python,
+times the same modules under the same torch as the stubs.
+
+Protocol (stdin/stdout, one line each): ``run <case>`` -> seconds the forward took (measured here,
+so the pipe is not counted); ``quit``. The inputs come from an ``.npz`` the bench wrote: for each
+case ``<case>.mel`` (B, 100, T) or ``<case>.codes`` (B, K, T).
+
+    python inprocess_worker.py REPOSITORY INPUTS.npz THREADS
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+
+from vocos_triton.codebooks import TABLE_FILE, CodebookTable
+from vocos_triton.contract import CODEBOOKS
+
+
+def forwards(repository: Path, inputs: Dict[str, np.ndarray]) -> Dict[str, Callable[[], object]]:
+    load = lambda name: torch.jit.load(str(repository / name / "1" / "model.pt")).eval()  # noqa: E731
+    vocos_mel, vocos_encodec = load("vocos_mel"), load("vocos_encodec")
+    table = CodebookTable.load(repository / "encodec_embedding" / "1" / TABLE_FILE)
+
+    def embedding(codes: np.ndarray) -> torch.Tensor:  # what the encodec_embedding model runs, item by item
+        return torch.from_numpy(np.stack([table.features(item) for item in codes]))
+
+    calls: Dict[str, Callable[[], object]] = {}
+    for key, array in inputs.items():
+        case, kind = key.rsplit(".", 1)
+        tensor = torch.from_numpy(array)
+        batch, frames = tensor.shape[0], torch.full((tensor.shape[0],), tensor.shape[-1])
+        if kind == "mel":
+            zeros = torch.zeros(batch, dtype=torch.long)
+            calls[case] = lambda m=tensor, f=frames, z=zeros: vocos_mel(m, f, z)
+        else:
+            ids = torch.full((batch,), CODEBOOKS.index(tensor.shape[1]))  # bandwidth id
+            calls[case] = lambda c=array, f=frames, i=ids: vocos_encodec(embedding(c), f, i)
+    return calls
+
+
+def main() -> int:
+    repository, inputs_path, threads = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    if threads:
+        torch.set_num_threads(threads)
+    with np.load(inputs_path) as data:
+        calls = forwards(repository, {key: data[key] for key in data.files})
+    print(f"ready torch {torch.__version__} threads {torch.get_num_threads()}", flush=True)
+    with torch.inference_mode():
+        for line in sys.stdin:
+            command = line.split()
+            if not command or command[0] == "quit":
+                break
+            started = time.perf_counter()
+            calls[command[1]]()
+            print(f"{time.perf_counter() - started:.9f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
