@@ -85,22 +85,18 @@ class TritonDistribution:
         return python_dir.parent
 
 
-#: libgomp's busy-wait before an idle OpenMP thread sleeps (its default, 300000, is milliseconds).
-OPENMP_SPIN_COUNT = "10000"
-
-
 def openmp_environment(env: Dict[str, str]) -> Dict[str, str]:
     """OpenMP settings for processes that run our modules, unless ``env`` already chooses some.
 
-    Every stub is its own process with its own OpenMP pool. With libgomp's default spin, threads
-    that finished a forward spin for milliseconds on cores the other stubs and the gRPC threads need
-    (measured: 2-5 ms per request); with OMP_WAIT_POLICY=PASSIVE they sleep between the many small
-    parallel regions of one forward, and waking them costs a 1 s clip about 4 ms (13.5 -> 9.8 ms).
-    A short spin keeps the threads awake inside a forward and lets them sleep soon after it.
+    Every stub is its own process with its own OpenMP pool, and under load several stubs compute at
+    once on the two cores. Threads that busy-wait after a parallel region steal those cores:
+    libgomp's default spin cost 2-5 ms per request; even a short spin (``GOMP_SPINCOUNT=10000``), which
+    makes an isolated 1 s request about 4 ms faster, cut the mixed load test from 124 to 81 audio
+    seconds per second (1000: 116). So idle OpenMP threads sleep at once.
     """
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return {}
-    return {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def ensure_port_free(host: str, port: int, what: str) -> None:
