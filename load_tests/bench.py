@@ -1,12 +1,12 @@
-"""Side-by-side benchmark: reference eager ``vocos`` vs our TorchScript modules in-process vs Triton.
+"""Side-by-side benchmark: reference eager ``vocos`` vs our modules in-process vs Triton.
 
 One run, same machine, same weights (the ones ``model_repository/`` was built from, found through
 its provenance files). The reference runs here (it needs torchaudio, hence the pinned torch); the
 in-process column runs in a worker started with the serving runtime's python (``inprocess_worker.py``),
-so that it and the Triton stubs run the modules under the same torch. For both variants (mel: mel -> waveform; EnCodec: codes -> waveform), 1 s and
-10 s clips, batch 1 and 8, it measures throughput as a real-time factor (audio seconds per wall
-second), interleaving the systems round by round so that machine noise hits all of them alike
-(warm-up rounds, then the median of ``--repeats``). Triton runs at concurrency 1 (batch 1) and 8
+so that it and the Triton stubs run the modules under the same torch. For both variants (mel: mel ->
+waveform; EnCodec: codes -> waveform), 1 s and 10 s clips, batch 1 and 8, it measures throughput
+as a real-time factor (audio seconds per wall second), interleaving the systems round by round so
+that machine noise hits all of them alike (warm-up rounds, then the median of ``--repeats``). Triton runs at concurrency 1 (batch 1) and 8
 (batch 8: eight concurrent single-item requests that the server batches), through ``VocosClient``.
 
 It prints the table with the ratios between the columns, the latency Triton + client add to a
