@@ -24,10 +24,11 @@ import torch
 
 from vocos_triton.codebooks import TABLE_FILE, CodebookTable
 from vocos_triton.contract import CODEBOOKS
+from vocos_triton.serving.torchscript import ARTIFACT
 
 
 def forwards(repository: Path, inputs: Dict[str, np.ndarray]) -> Dict[str, Callable[[], object]]:
-    load = lambda name: torch.jit.load(str(repository / name / "1" / "model.pt")).eval()  # noqa: E731
+    load = lambda name: torch.jit.load(str(repository / name / "1" / ARTIFACT)).eval()  # noqa: E731
     vocos_mel, vocos_encodec = load("vocos_mel"), load("vocos_encodec")
     table = CodebookTable.load(repository / "encodec_embedding" / "1" / TABLE_FILE)
 

@@ -35,12 +35,8 @@ class CodebookTable:
     def codebooks(self) -> int:
         return self.weight.shape[0] // self.bins
 
-    @property
-    def dim(self) -> int:
-        return self.weight.shape[1]
-
     def features(self, codes: np.ndarray) -> np.ndarray:
-        """(K, T) codes -> (dim, T) features; K may be anything up to :attr:`codebooks`."""
+        """(K, T) codes -> (128, T) features; K may be anything up to :attr:`codebooks`."""
         rows = codes + (np.arange(codes.shape[0], dtype=np.int64) * self.bins)[:, None]
         summed = self.weight[rows[0]]  # a fresh (T, dim) array
         for k in range(1, rows.shape[0]):

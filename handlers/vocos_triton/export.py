@@ -35,11 +35,11 @@ from .features import MelFeatures
 from .quantized import fidelity, quantize_vocoder, set_quantized_engine
 from .random_checkpoints import WARNING as RANDOM_WARNING
 from .random_checkpoints import synthetic_voice, write_all
+from .serving.torchscript import ARTIFACT  # the file the serving models load
 from .vocoder import BatchedVocos
 
 log = logging.getLogger("vocos_triton.export")
 
-ARTIFACT = "model.pt"
 PROVENANCE = "provenance.json"
 REFERENCE_TOLERANCE = 1e-4  # eager module vs the reference packages, per item
 SCRIPT_TOLERANCE = 1e-5  # TorchScript artifact vs the eager module

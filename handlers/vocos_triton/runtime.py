@@ -35,7 +35,7 @@ print(json.dumps({"python": "%d.%d" % sys.version_info[:2], "torch": torch.__ver
 
 
 class UnusableRuntime(RuntimeError):
-    """The runtime environment cannot serve (missing, wrong Python, missing packages)."""
+    """The runtime environment cannot serve (its python is missing, or cannot import torch and our package)."""
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,13 @@ def probe(python: Path, timeout_s: float = 120.0) -> Runtime:
     """
     if not python.exists():
         raise UnusableRuntime(f"runtime python {python} does not exist; build it with `make runtime` "
-                            f"or point {RUNTIME_PYTHON_ENV} / --runtime-python at an environment with torch")
+                              f"or point {RUNTIME_PYTHON_ENV} / --runtime-python at an environment with torch")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the stub ignores PYTHONPATH too
     result = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s, env=env)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise UnusableRuntime(f"runtime python {python} cannot import torch and vocos_triton ({tail[0]}); "
-                            "install them there (`make runtime` builds the default runtime)")
+                              "install them there (`make runtime` builds the default runtime)")
     info = json.loads(result.stdout.strip().splitlines()[-1])
     return Runtime(python=python, python_version=info["python"], torch_version=info["torch"], cuda=info["cuda"],
                    prefix=Path(info["prefix"]))
