@@ -32,11 +32,14 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
+from vocos_triton.allocator import hold_freed_memory
 from vocos_triton.server import openmp_environment
 
 # The same OpenMP settings as the server's stubs, here and in the in-process worker (it inherits
-# them): all three systems run under one policy. Set before torch is imported.
+# them), and the same heap policy (glibc does not trim by itself; the worker sets it too): all three
+# systems run under one policy. Set before torch is imported.
 os.environ.update(openmp_environment(dict(os.environ)))
+hold_freed_memory()
 import torch  # noqa: E402
 
 from vocos_triton import checkpoints as ck  # noqa: E402

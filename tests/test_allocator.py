@@ -1,23 +1,69 @@
-"""Giving freed memory back to the OS after large forwards: when it trims and when it does not."""
+"""Giving freed heap back to the OS: only when a stub holds more than its allowance, and for real."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 from vocos_triton.allocator import MemoryReleaser
 
+MIB = 2**20
 
-def test_trims_only_after_large_work_and_at_most_once_per_interval():
-    releaser = MemoryReleaser(threshold_frames=1500, min_interval_s=60.0)
-    assert releaser._trim is not None, "glibc's malloc_trim must be found on Linux"
-    assert not releaser.after(1499)
-    assert releaser.after(1500)
-    assert not releaser.after(10_000), "a second trim within the interval is skipped"
+
+class FakeHeap:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self) -> int:
+        return self.size
+
+
+def test_trims_only_when_the_heap_outgrows_its_allowance():
+    heap = FakeHeap(300 * MIB)
+    releaser = MemoryReleaser(retain_mb=100, resident=heap)
+    releaser.settle()
+    assert releaser.baseline == 300 * MIB
+    heap.size = 400 * MIB  # exactly the allowance: kept for the next forward
+    assert not releaser.after()
+    heap.size = 400 * MIB + 1
+    assert releaser.after()
     assert releaser.trims == 1
 
 
-def test_zero_threshold_never_trims():
-    releaser = MemoryReleaser(threshold_frames=0)
-    assert not releaser.after(1_000_000) and releaser.trims == 0
+def test_negative_allowance_never_trims():
+    heap = FakeHeap(0)
+    releaser = MemoryReleaser(retain_mb=-1, resident=heap)
+    releaser.settle()
+    heap.size = 10**12
+    assert not releaser.after() and releaser.trims == 0
 
 
-def test_trims_again_after_the_interval():
-    releaser = MemoryReleaser(threshold_frames=1, min_interval_s=0.0)
-    assert releaser.after(1) and releaser.after(1) and releaser.trims == 2
+# Run in a fresh interpreter: the releaser switches glibc's own trimming off for the whole process.
+_REAL_HEAP = """
+import ctypes, json
+from vocos_triton.allocator import MemoryReleaser, anonymous_resident_bytes
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+releaser = MemoryReleaser(retain_mb=16)
+releaser.settle()
+chunk = 64 * 1024  # below glibc's mmap threshold: heap memory
+chunks = [libc.malloc(chunk) for _ in range(64 * 2**20 // chunk)]
+for address in chunks:
+    ctypes.memset(address, 1, chunk)  # touched: resident
+for address in chunks:  # all of it, the top of the heap included
+    libc.free(address)
+held = anonymous_resident_bytes() - releaser.baseline
+trimmed = releaser.after()
+print(json.dumps({"held": held, "trimmed": trimmed, "after": anonymous_resident_bytes() - releaser.baseline,
+                  "again": releaser.after()}))
+"""
+
+
+def test_glibc_keeps_freed_heap_until_the_releaser_trims_it():
+    result = json.loads(subprocess.run([sys.executable, "-c", _REAL_HEAP], check=True, capture_output=True,
+                                       text=True).stdout)
+    assert result["held"] > 48 * MIB, f"glibc gave freed memory back by itself: {result}"
+    assert result["trimmed"], "64 MiB freed is over the 16 MiB allowance"
+    assert result["after"] < 16 * MIB, f"trim left too much resident: {result}"
+    assert not result["again"], "back under the allowance: no second trim"

@@ -1,45 +1,95 @@
-"""Give the heap back to the OS after large forwards (glibc ``malloc_trim``).
+"""Give freed heap memory back to the OS once a stub holds too much of it (glibc ``malloc_trim``).
 
-A forward over a long batch allocates hundreds of MB of activations; glibc keeps most of it after
-they are freed, so a stub's memory stays at the high-water mark of the largest batch it ever ran
-(the EnCodec encoder stub: 250 MB idle, 650 MB after a 10-minute load test). Trimming after such a
-forward costs a few milliseconds (plus page faults when the next large forward touches the memory
-again), so it runs only after forwards of at least ``threshold_frames`` padded frames and at most
-once per ``min_interval_s``.
+glibc keeps the memory of freed activations for reuse, so without a limit a stub stays at the
+high-water mark of the largest batch it ever ran (the EnCodec encoder stub: 250 MB idle, 650 MB
+after a 10-minute load test). Trimming is not free either: the next forward page-faults the
+memory back in, about 10 % of a vocoder forward (a 3000-frame ``vocos_encodec`` batch: 141 ms,
+158 ms right after a trim), which cost 6 % of the 10 s EnCodec throughput when the stubs trimmed
+after every large forward.
+
+So a stub may keep ``retain_mb`` of anonymous memory above what it held after warm-up: a steady
+load of bounded batches reuses its activations and never pays the faults, while a rare outsized
+batch (the encoder on a long clip) or fragmentation over hours is given back right after the
+forward that went over the limit.
+
+glibc's own trimming is switched off for the same reason (:func:`hold_freed_memory`): by default it
+gives the top of the heap back whenever a free leaves more than a few MB there, which is after
+nearly every forward, and the next forward faults it back in (2,000-3,000 page faults, 2-4 ms of
+a 32 ms 1 s EnCodec batch of 8).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
+import os
 from typing import Callable, Optional
 
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
-def _malloc_trim() -> Optional[Callable[[int], int]]:
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+#: the largest mmap threshold glibc allows on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); larger blocks are
+#: mapped per allocation and unmapped on free, as before
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+_NEVER_TRIM_BYTES = 2**31 - 1
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only
+        libc.malloc_trim, libc.mallopt  # glibc only: raises AttributeError elsewhere
+        return libc
     except (OSError, AttributeError):
         return None
 
 
-class MemoryReleaser:
-    """``after(padded_frames)`` after each execute; trims when the work was large and enough time passed."""
+def hold_freed_memory() -> bool:
+    """Stop glibc from trimming the heap by itself; :class:`MemoryReleaser` decides instead.
 
-    def __init__(self, threshold_frames: int, min_interval_s: float = 1.0) -> None:
-        self.threshold_frames = threshold_frames
-        self.min_interval_s = min_interval_s
-        self._trim = _malloc_trim() if threshold_frames > 0 else None
-        self._last = float("-inf")
+    Setting the trim threshold also freezes glibc's adaptive mmap threshold, so it is set to the value
+    the adaptation ends at anyway (32 MB): activations below it come from the heap, not from fresh
+    mappings. Returns whether glibc took both settings.
+    """
+    libc = _glibc()
+    return (libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM_BYTES)))
+
+
+def anonymous_resident_bytes() -> int:
+    """Resident memory of this process that is not file- or shared-memory-backed (the heap).
+
+    Libraries and the Python backend's shared-memory tensors are excluded: trimming cannot shrink them.
+    """
+    with open("/proc/self/statm") as statm:
+        fields = statm.read().split()
+    return (int(fields[1]) - int(fields[2])) * _PAGE_BYTES
+
+
+class MemoryReleaser:
+    """Call :meth:`settle` once after warm-up and :meth:`after` after each execute; a trim happens
+    when the heap has grown more than ``retain_mb`` beyond its size at :meth:`settle`.
+
+    ``retain_mb`` < 0 leaves glibc's defaults alone and never trims; otherwise glibc's own trimming
+    is switched off (:func:`hold_freed_memory`) from construction on.
+    """
+
+    def __init__(self, retain_mb: float, resident: Callable[[], int] = anonymous_resident_bytes) -> None:
+        self.retain_bytes = int(retain_mb * 2**20)
+        self._resident = resident
+        libc = _glibc() if retain_mb >= 0 and hold_freed_memory() else None
+        self._trim = libc.malloc_trim if libc is not None else None
+        self.baseline = 0
         self.trims = 0
 
-    def after(self, padded_frames: int) -> bool:
-        if self._trim is None or padded_frames < self.threshold_frames:
-            return False
-        now = time.monotonic()
-        if now - self._last < self.min_interval_s:
+    def settle(self) -> None:
+        """Take the current heap as the size the stub returns to (weights and warm-up state loaded)."""
+        if self._trim is not None:
+            self._trim(0)
+            self.baseline = self._resident()
+
+    def after(self) -> bool:
+        if self._trim is None or self._resident() - self.baseline <= self.retain_bytes:
             return False
         self._trim(0)
-        self._last = now
         self.trims += 1
         return True

@@ -97,11 +97,12 @@ class RaggedBatchModel:
         # Asking whether a request was cancelled is an IPC round trip to tritonserver (about 0.1 ms):
         # worth it before a forward of milliseconds, not before a table lookup of microseconds.
         self.skip_cancelled = self.parameters.get("skip_cancelled", "true").strip().lower() != "false"
-        # 0: never; else give freed memory back to the OS after an execute of at least this many padded frames
-        self.memory_releaser = MemoryReleaser(int(self.float_parameter("release_memory_frames", 0)))
+        # MB of freed heap the stub may keep for its next forwards before it gives memory back (-1: keep all)
+        self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
         loaded = self.load_artifact(args, os.path.join(args["model_repository"], args["model_version"]))
         self.configure()
         self.warm_up()
+        self.memory_releaser.settle()
         log.info("%s: loaded %s", self.name, loaded)
 
     def execute(self, requests: List[Any]) -> List[Any]:
@@ -129,12 +130,10 @@ class RaggedBatchModel:
             items.extend(Item(r, i, cost, data) for i, (cost, data) in enumerate(rows))
 
         results: Dict[int, Dict[int, Dict[str, np.ndarray]]] = {r: {} for r in rows_per_request}
-        padded_frames = 0
         for batch in plan_batches(items, self.max_padded_frames, self.batch_overhead_frames):
             live = [it for it in batch if responses[it.request] is None]
             if not live:
                 continue
-            padded_frames += len(live) * max(it.cost for it in live)
             try:
                 outputs = self.run_batch([it.data for it in live])
             except Exception as exc:  # one failed forward must not take the other batches down
@@ -145,7 +144,7 @@ class RaggedBatchModel:
                 continue
             for it, out in zip(live, outputs):
                 results[it.request][it.row] = out
-        self.memory_releaser.after(padded_frames)
+        self.memory_releaser.after()
 
         for r, count in rows_per_request.items():
             if responses[r] is None:
