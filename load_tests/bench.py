@@ -6,8 +6,9 @@ in-process column runs in a worker started with the serving runtime's python (``
 so that it and the Triton stubs run the modules under the same torch. For both variants (mel: mel ->
 waveform; EnCodec: codes -> waveform), 1 s and 10 s clips, batch 1 and 8, it measures throughput
 as a real-time factor (audio seconds per wall second), interleaving the systems round by round so
-that machine noise hits all of them alike (warm-up rounds, then the median of ``--repeats``). Triton runs at concurrency 1 (batch 1) and 8
-(batch 8: eight concurrent single-item requests that the server batches), through ``VocosClient``.
+that machine noise hits all of them alike (warm-up rounds, then the median of ``--repeats``).
+Triton runs at concurrency 1 (batch 1) and 8 (batch 8: eight concurrent single-item requests that
+the server batches), through ``VocosClient``.
 
 It prints the table with the ratios between the columns, the latency Triton + client add to a
 1 s clip, the server's memory (PSS over tritonserver and its stubs), optionally the fidelity and speed

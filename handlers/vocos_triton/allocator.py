@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from typing import Callable, Optional
 
@@ -32,6 +33,7 @@ MMAP_THRESHOLD_BYTES = 32 * 2**20
 _NEVER_TRIM_BYTES = 2**31 - 1
 
 
+@functools.lru_cache(maxsize=None)  # loaded once per process, by whichever caller comes first
 def _glibc() -> Optional[ctypes.CDLL]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from ..allocator import MemoryReleaser
 from ..contract import DEFAULT_MAX_SECONDS, InvalidInput
 
 log = logging.getLogger("vocos_triton.serving")
+
+#: what :meth:`RaggedBatchModel.parse_row` returns: (cost in frames, the validated row's data)
+Row = Tuple[int, Dict[str, Any]]
 
 
 @dataclass
@@ -198,11 +201,11 @@ class RaggedBatchModel:
     def warm_up(self) -> None:
         """Run the module once or twice so the first request does not pay TorchScript's profiling."""
 
-    def parse_row(self, row: Dict[str, np.ndarray]) -> "tuple[int, Dict[str, Any]]":
+    def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
         """Validate one row (arrays without the batch dimension); return (cost in frames, data)."""
         raise NotImplementedError
 
-    def check_request(self, rows: List["tuple[int, Dict[str, Any]]"]) -> None:
+    def check_request(self, rows: List[Row]) -> None:
         """Reject a request whose rows cannot form one output tensor (override where that can happen)."""
 
     def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:

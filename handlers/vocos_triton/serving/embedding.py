@@ -4,15 +4,13 @@ It imports no torch (see :mod:`vocos_triton.codebooks`): its stub is the smalles
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import numpy as np
 
 from .. import contract as c
 from ..codebooks import TABLE_FILE, CodebookTable
-from .base import RaggedBatchModel
-
-Row = Tuple[int, Dict[str, Any]]
+from .base import RaggedBatchModel, Row
 
 
 class EncodecEmbeddingModel(RaggedBatchModel):

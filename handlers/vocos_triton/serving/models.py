@@ -7,16 +7,14 @@ Limits come from the model's ``parameters`` in config.pbtxt: ``max_seconds`` (de
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
 from .. import contract as c
-from .base import pad_stack
+from .base import Row, pad_stack
 from .torchscript import TorchScriptModel
-
-Row = Tuple[int, Dict[str, Any]]
 
 #: reflect padding of n_fft // 2 = 512 needs more samples than that (torch.stft, vocos 0.1.0)
 MEL_MIN_SAMPLES = 513
