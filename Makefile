@@ -23,14 +23,15 @@ PYTEST_ARGS ?=
 LOAD_USERS ?= 8
 LOAD_SPAWN_RATE ?= 2
 LOAD_DURATION ?= 60s
-LOAD_PATHS ?= vocos_mel,resynthesize_mel,decode_codes,resynthesize_encodec
+# entry models with optional weights, see load_tests/README.md (default: all of them, equal weights)
+LOAD_PATHS ?=
 LOAD_ARGS ?=
 
 INSTALLED := $(VENV)/.installed
 
 # The serving runtime: the environment the Python-backend stubs embed. It needs only torch (to load
 # TorchScript), and a CPU-only torch costs each of the five stubs about 160 MB less than the pinned
-# CUDA build (see handlers/vocos_triton/runtime.py). On this machine kind `torch==2.13.0` is a CPU-only
+# CUDA build (see handlers/vocos_triton/launcher/runtime.py). On this machine kind `torch==2.13.0` is a CPU-only
 # build on disk; elsewhere ask for one, e.g. RUNTIME_TORCH='torch==2.13.0+cpu'
 # RUNTIME_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'. PROFILE=gpu serves from
 # $(VENV) (CUDA torch) instead.
@@ -44,10 +45,10 @@ else
 RUNTIME_PYTHON := $(abspath $(RUNTIME_VENV))/bin/python
 RUNTIME_TARGET := $(RUNTIME_VENV)/.installed
 endif
-# read by vocos_triton.server (and so by the tests, the bench and the load test)
+# read by vocos_triton.launcher.server (and so by the tests, the bench and the load test)
 export VOCOS_RUNTIME_PYTHON := $(RUNTIME_PYTHON)
 
-.PHONY: install runtime system-deps repository serve test check-contract profiles load-test bench clean
+.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test bench clean
 
 install: $(INSTALLED)
 
@@ -80,32 +81,35 @@ WEIGHT_ARGS := --mel '$(VOCOS_MEL)' --encodec '$(VOCOS_ENCODEC)' $(if $(ENCODEC_
 endif
 
 repository: install
-	$(PY) -m vocos_triton.export --output $(REPOSITORY) --precision $(PRECISION) $(WEIGHT_ARGS)
+	$(PY) -m vocos_triton.build.export --output $(REPOSITORY) --precision $(PRECISION) $(WEIGHT_ARGS)
 
 serve: repository runtime
-	$(PY) -m vocos_triton.server --model-repository $(REPOSITORY) --host $(HOST) \
+	$(PY) -m vocos_triton.launcher.server --model-repository $(REPOSITORY) --host $(HOST) \
 	  --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --profile $(PROFILE)
 
-test: install runtime system-deps
-	$(PY) -m vocos_triton.profiles --check
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install runtime system-deps lint
+	$(PY) -m vocos_triton.launcher.profiles --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 profiles: install
-	$(PY) -m vocos_triton.profiles
+	$(PY) -m vocos_triton.launcher.profiles
 
 check-contract: install
 	$(PY) ../shared/tools/check_contract.py $(REPOSITORY)
 
 # Locust, headless, against a tritonserver it starts on free ports; CSV + HTML + summary in results/<stamp>/.
 load-test: install runtime system-deps
-	@test -f $(REPOSITORY)/vocos_mel/1/model.pt || $(MAKE) repository
+	@ls $(REPOSITORY)/*/1/model.pt >/dev/null 2>&1 || $(MAKE) repository
 	$(PY) load_tests/run_load_test.py --repository $(REPOSITORY) --profile $(PROFILE) \
 	  --users $(LOAD_USERS) --spawn-rate $(LOAD_SPAWN_RATE) --duration $(LOAD_DURATION) \
-	  --paths $(LOAD_PATHS) --results-dir results $(LOAD_ARGS)
+	  $(if $(LOAD_PATHS),--paths $(LOAD_PATHS)) --results-dir results $(LOAD_ARGS)
 
 # Side-by-side benchmark (reference eager vs TorchScript in-process vs Triton) on the repository's weights.
 bench: install runtime system-deps
-	@test -f $(REPOSITORY)/vocos_mel/1/model.pt || $(MAKE) repository
+	@ls $(REPOSITORY)/*/1/model.pt >/dev/null 2>&1 || $(MAKE) repository
 	$(PY) load_tests/bench.py --repository $(REPOSITORY) --out results/bench --int8
 
 clean:

@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-from vocos_triton.allocator import hold_freed_memory
-from vocos_triton.server import openmp_environment
+from vocos_triton.launcher.server import openmp_environment
+from vocos_triton.serving.allocator import hold_freed_memory
 
 # The same OpenMP settings as the server's stubs, here and in the in-process worker (it inherits
 # them), and the same heap policy (glibc does not trim by itself; the worker sets it too): all three
@@ -43,13 +43,13 @@ os.environ.update(openmp_environment(dict(os.environ)))
 hold_freed_memory()
 import torch  # noqa: E402
 
-from vocos_triton import checkpoints as ck  # noqa: E402
-from vocos_triton.contract import SAMPLE_RATE
-from vocos_triton.export import ARTIFACT, PROVENANCE
-from vocos_triton.memory import process_tree_pss
-from vocos_triton.runtime import Runtime
-from vocos_triton.server import ServerOptions, TritonServer, free_port
-from vocos_triton.speech import speech_clip
+from vocos_triton.build import checkpoints as ck  # noqa: E402
+from vocos_triton.build.export import ARTIFACT, PROVENANCE  # noqa: E402
+from vocos_triton.contract import SAMPLE_RATE, Model  # noqa: E402
+from vocos_triton.launcher.memory import process_tree_pss  # noqa: E402
+from vocos_triton.launcher.runtime import Runtime  # noqa: E402
+from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port  # noqa: E402
+from vocos_triton.speech import speech_clip  # noqa: E402
 
 log = logging.getLogger("bench")
 BANDWIDTH = 6.0  # 8 codebooks, Bark's fine tokens
@@ -78,11 +78,11 @@ def _sources(repository: Path, model: str) -> Dict[str, dict]:
 
 def load_references(repository: Path):
     """The reference ``vocos.Vocos`` objects built from the checkpoints the repository was built from."""
-    mel_source = _sources(repository, "vocos_mel")["vocos_mel"]["directory"]
-    encodec_sources = _sources(repository, "vocos_encodec")
+    mel_source = _sources(repository, Model.VOCOS_MEL)[Model.VOCOS_MEL]["directory"]
+    encodec_sources = _sources(repository, Model.VOCOS_ENCODEC)
     reference_mel = ck.build_reference_vocos(ck.load_vocos_checkpoint(mel_source, "mel"))
     reference_encodec = ck.build_reference_vocos(
-        ck.load_vocos_checkpoint(encodec_sources["vocos_encodec"]["directory"], "encodec"),
+        ck.load_vocos_checkpoint(encodec_sources[Model.VOCOS_ENCODEC]["directory"], "encodec"),
         ck.load_encodec_checkpoint(encodec_sources["encodec_24khz"]["path"]))
     return reference_mel, reference_encodec
 
@@ -114,7 +114,18 @@ class InProcessWorker:
         self._inputs.close()
 
 
-def build_cases(reference_mel, reference_encodec, client, seconds_list, batches) -> "tuple[List[Case], Dict]":
+def triton_runner(client, items: list, concurrency: int) -> Callable[[], object]:
+    """One request for a single item, else ``synthesize_batch`` at ``concurrency`` (bound now, not at call
+    time: a lambda in the loop of :func:`build_cases` would see the loop's last batch size)."""
+    def as_kwargs(item):
+        return item if isinstance(item, dict) else {"mel": item}
+
+    if len(items) == 1:
+        return lambda: client.synthesize(**as_kwargs(items[0]))
+    return lambda: client.synthesize_batch(items, max_concurrency=concurrency)
+
+
+def build_cases(reference_mel, reference_encodec, client, seconds_list, batches) -> tuple[List[Case], Dict]:
     """The cases, with their reference and Triton runners, and the in-process inputs by case name."""
     bandwidth_id = torch.tensor([2])
     cases, inprocess_inputs = [], {}
@@ -135,15 +146,13 @@ def build_cases(reference_mel, reference_encodec, client, seconds_list, batches)
             cases.append(Case("mel", seconds, batch, {
                 "reference": lambda m=mels: reference_mel.decode(m),
                 "in-process": mel_case,
-                "triton": (lambda i=mel_items: client.synthesize(mel=i[0])) if batch == 1
-                else (lambda i=mel_items: client.synthesize_batch(i, max_concurrency=batch)),
+                "triton": triton_runner(client, mel_items, batch),
             }))
             cases.append(Case("encodec", seconds, batch, {
                 "reference": lambda c=batch_codes, b=bandwidth_id: reference_encodec.decode(
                     reference_encodec.codes_to_features(c), bandwidth_id=b),
                 "in-process": encodec_case,
-                "triton": (lambda i=code_items: client.synthesize(**i[0])) if batch == 1
-                else (lambda i=code_items: client.synthesize_batch(i, max_concurrency=batch)),
+                "triton": triton_runner(client, code_items, batch),
             }))
     return cases, inprocess_inputs
 
@@ -166,11 +175,11 @@ def measure(cases: List[Case], worker: InProcessWorker, repeats: int, warmup: in
 
 def int8_report(repository: Path, reference_mel, repeats: int) -> Dict[str, float]:
     """Fidelity and speed of the opt-in int8 mel vocoder against our fp32 one (10 s, batch 1)."""
-    from vocos_triton.quantized import fidelity, quantize_vocoder, set_quantized_engine
-    from vocos_triton.vocoder import BatchedVocos
+    from vocos_triton.build.quantize import fidelity, quantize_vocoder, set_quantized_engine
+    from vocos_triton.modules.vocoder import BatchedVocos
 
     set_quantized_engine()
-    fp32 = torch.jit.load(str(repository / "vocos_mel" / "1" / ARTIFACT)).eval()
+    fp32 = torch.jit.load(str(repository / Model.VOCOS_MEL / "1" / ARTIFACT)).eval()
     int8 = torch.jit.freeze(torch.jit.script(quantize_vocoder(BatchedVocos(reference_mel).eval())))
     audio = torch.from_numpy(speech_clip(10 * SAMPLE_RATE, seed=99))[None]
     times: Dict[str, List[float]] = {"fp32": [], "int8": []}

@@ -1,7 +1,7 @@
 """The bench's "in-process" column: our TorchScript modules called directly, in the serving runtime.
 
 ``bench.py`` runs the reference in its own interpreter (the reference needs torchaudio, hence the
-pinned torch), but the stubs run the modules in the serving runtime (``vocos_triton.runtime``, a
+pinned torch), but the stubs run the modules in the serving runtime (``vocos_triton.launcher.runtime``, a
 CPU-only torch on the CPU profile). Comparing Triton against the modules under a different torch
 would measure the torch builds as much as Triton, so this worker, started with the runtime's python,
 times the same modules under the same torch as the stubs.
@@ -22,16 +22,16 @@ from typing import Callable, Dict
 import numpy as np
 import torch
 
-from vocos_triton.allocator import hold_freed_memory
-from vocos_triton.codebooks import TABLE_FILE, CodebookTable
-from vocos_triton.contract import CODEBOOKS
+from vocos_triton.contract import CODEBOOKS, Model
+from vocos_triton.serving.allocator import hold_freed_memory
+from vocos_triton.serving.codebooks import TABLE_FILE, CodebookTable
 from vocos_triton.serving.torchscript import ARTIFACT
 
 
 def forwards(repository: Path, inputs: Dict[str, np.ndarray]) -> Dict[str, Callable[[], object]]:
     load = lambda name: torch.jit.load(str(repository / name / "1" / ARTIFACT)).eval()  # noqa: E731
-    vocos_mel, vocos_encodec = load("vocos_mel"), load("vocos_encodec")
-    table = CodebookTable.load(repository / "encodec_embedding" / "1" / TABLE_FILE)
+    vocos_mel, vocos_encodec = load(Model.VOCOS_MEL), load(Model.VOCOS_ENCODEC)
+    table = CodebookTable.load(repository / Model.ENCODEC_EMBEDDING / "1" / TABLE_FILE)
 
     def embedding(codes: np.ndarray) -> torch.Tensor:  # what the encodec_embedding model runs, item by item
         return torch.from_numpy(np.stack([table.features(item) for item in codes]))
@@ -52,7 +52,7 @@ def forwards(repository: Path, inputs: Dict[str, np.ndarray]) -> Dict[str, Calla
 
 def main() -> int:
     repository, inputs_path, threads = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    hold_freed_memory()  # the stubs' heap policy (vocos_triton.allocator), so the heap is not what differs
+    hold_freed_memory()  # the stubs' heap policy (vocos_triton.serving.allocator), so the heap is not what differs
     if threads:
         torch.set_num_threads(threads)
     with np.load(inputs_path) as data:

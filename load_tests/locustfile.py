@@ -45,7 +45,10 @@ from vocos_triton.contract import (  # noqa: E402
     BANDWIDTHS,
     CODEBOOK_SIZE,
     CODEBOOKS,
+    ENTRY_MODELS,
     SAMPLE_RATE,
+    Model,
+    Tensor,
     encodec_frames,
     encodec_waveform_samples,
     mel_frames,
@@ -55,9 +58,9 @@ from vocos_triton.speech import speech_clip  # noqa: E402
 
 log = logging.getLogger("vocos_load_test")
 
-PATHS = ("vocos_mel", "resynthesize_mel", "decode_codes", "resynthesize_encodec")
+PATHS = tuple(ENTRY_MODELS.values())
 DEFAULT_PATHS = ",".join(PATHS)
-OUTPUT = "waveform"
+OUTPUT = Tensor.WAVEFORM
 
 
 class BadResponse(AssertionError):
@@ -116,7 +119,7 @@ class GeventSafeClient(grpcclient.InferenceServerClient):
     open) and the second close is a no-op.
     """
 
-    _open: "weakref.WeakSet[GeventSafeClient]" = weakref.WeakSet()
+    _open: weakref.WeakSet[GeventSafeClient] = weakref.WeakSet()
 
     def __init__(self, url: str) -> None:
         self._closed = False
@@ -178,7 +181,7 @@ def build_pool(url: str, paths: Sequence[str], pool_size: int, min_seconds: floa
     clips = [speech_clip(length, seed=seed + index) for index, length in enumerate(lengths)]
     client = GeventSafeClient(url)
     try:
-        wanted = set(paths) | ({"mel_features"} if "vocos_mel" in paths else set())
+        wanted = set(paths) | ({Model.MEL_FEATURES} if Model.VOCOS_MEL in paths else set())
         for model in sorted(wanted):
             if not client.is_model_ready(model, client_timeout=timeout_s):
                 raise RuntimeError(f"{url}: model {model} is not ready (is the repository built and loaded?)")
@@ -188,26 +191,26 @@ def build_pool(url: str, paths: Sequence[str], pool_size: int, min_seconds: floa
         for audio in clips:
             length = audio.shape[0]
             pool.input_seconds.append(length / SAMPLE_RATE)
-            if "vocos_mel" in paths:
-                result = client.infer("mel_features", make_inputs(audio=audio), client_timeout=timeout_s)
-                mel = np.ascontiguousarray(result.as_numpy("mel")[0], dtype=np.float32)
+            if Model.VOCOS_MEL in paths:
+                result = client.infer(Model.MEL_FEATURES, make_inputs(audio=audio), client_timeout=timeout_s)
+                mel = np.ascontiguousarray(result.as_numpy(Tensor.MEL)[0], dtype=np.float32)
                 if mel.shape != (100, mel_frames(length)):
                     raise RuntimeError(f"mel_features returned shape {mel.shape} for {length} samples")
-                pool.requests["vocos_mel"].append(
+                pool.requests[Model.VOCOS_MEL].append(
                     PreparedRequest(make_inputs(mel=mel), mel_waveform_samples(mel.shape[1])))
-            if "resynthesize_mel" in paths:
-                pool.requests["resynthesize_mel"].append(
+            if Model.RESYNTHESIZE_MEL in paths:
+                pool.requests[Model.RESYNTHESIZE_MEL].append(
                     PreparedRequest(make_inputs(audio=audio), mel_waveform_samples(mel_frames(length))))
             frames = encodec_frames(length)
             for bandwidth, k in zip(BANDWIDTHS, CODEBOOKS):
-                if "decode_codes" in paths:
+                if Model.DECODE_CODES in paths:
                     # Random codes cost the vocoder exactly what real ones do; the values do not matter here.
                     codes = rng.integers(0, CODEBOOK_SIZE, size=(k, frames), dtype=np.int64)
-                    pool.requests["decode_codes"].append(PreparedRequest(
+                    pool.requests[Model.DECODE_CODES].append(PreparedRequest(
                         make_inputs(codes=codes, bandwidth=bandwidth_inputs[bandwidth]),
                         encodec_waveform_samples(frames)))
-                if "resynthesize_encodec" in paths:
-                    pool.requests["resynthesize_encodec"].append(PreparedRequest(
+                if Model.RESYNTHESIZE_ENCODEC in paths:
+                    pool.requests[Model.RESYNTHESIZE_ENCODEC].append(PreparedRequest(
                         make_inputs(audio=audio, bandwidth=bandwidth_inputs[bandwidth]),
                         encodec_waveform_samples(frames)))
         return pool
@@ -305,25 +308,25 @@ class TritonPathUser(User):
 class VocosMelUser(TritonPathUser):
     """``vocos_mel``: a (100, T) log-mel in, as an acoustic model would send."""
 
-    path = "vocos_mel"
+    path = Model.VOCOS_MEL
 
 
 class ResynthesizeMelUser(TritonPathUser):
     """``resynthesize_mel``: audio in, mel_features -> vocos_mel."""
 
-    path = "resynthesize_mel"
+    path = Model.RESYNTHESIZE_MEL
 
 
 class DecodeCodesUser(TritonPathUser):
     """``decode_codes``: (K, T) EnCodec codes + bandwidth in, e.g. Bark fine tokens."""
 
-    path = "decode_codes"
+    path = Model.DECODE_CODES
 
 
 class ResynthesizeEncodecUser(TritonPathUser):
     """``resynthesize_encodec``: audio + bandwidth in, encodec_encoder -> encodec_embedding -> vocos_encodec."""
 
-    path = "resynthesize_encodec"
+    path = Model.RESYNTHESIZE_ENCODEC
 
 
 USER_CLASSES = {cls.path: cls for cls in (VocosMelUser, ResynthesizeMelUser, DecodeCodesUser, ResynthesizeEncodecUser)}

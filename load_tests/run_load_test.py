@@ -38,8 +38,9 @@ from typing import Dict, List, Optional, Sequence
 
 import psutil
 
-from vocos_triton.memory import process_tree_pss
-from vocos_triton.server import DEFAULT_BUILD_DIR, LaunchError, ServerOptions, TritonServer, free_port
+from vocos_triton.contract import ENTRY_MODELS
+from vocos_triton.launcher.memory import process_tree_pss
+from vocos_triton.launcher.server import DEFAULT_BUILD_DIR, LaunchError, ServerOptions, TritonServer, free_port
 
 log = logging.getLogger("vocos_load_test.runner")
 
@@ -47,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT_ROOT = HERE.parent
 LOCUSTFILE = HERE / "locustfile.py"
 MIB = 1 << 20
-ALL_PATHS = "vocos_mel,resynthesize_mel,decode_codes,resynthesize_encodec"
+ALL_PATHS = ",".join(ENTRY_MODELS.values())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tritonserver pid for memory sampling with --url (default: whoever listens on the port)")
     parser.add_argument("--memory-interval", type=float, default=2.0, help="seconds between PSS samples (default 2)")
     parser.add_argument("--memory-warmup", type=float, default=10.0,
-                        help="seconds of load before the 'start' memory sample (at most a third of the run; default 10)")
+                        help="seconds of load before the 'start' memory sample "
+                             "(at most a third of the run; default 10)")
     parser.add_argument("locust_args", nargs=argparse.REMAINDER,
                         help="after '--': extra Locust options, e.g. -- --pool-size 24 --think-time 0.5")
     return parser

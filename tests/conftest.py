@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from vocos_triton import checkpoints as ck
-from vocos_triton.export import build_repository
-from vocos_triton.random_checkpoints import write_all
-from vocos_triton.server import ServerOptions, TritonServer, free_port
+from vocos_triton.build import checkpoints as ck
+from vocos_triton.build.export import build_repository
+from vocos_triton.build.random_checkpoints import write_all
+from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port
 from vocos_triton.speech import speech_clip
 
 # Tests and the server share 2 cores; keep the test process from starving the stubs.

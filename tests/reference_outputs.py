@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vocos_triton.contract import BANDWIDTHS, bandwidth_id
+from vocos_triton.contract import BANDWIDTHS, Bandwidth
 
 
 def _t(array: np.ndarray) -> torch.Tensor:
@@ -42,12 +42,13 @@ def codes_to_features(reference, codes: np.ndarray) -> np.ndarray:
 
 def encodec_decode(reference, features: np.ndarray, bandwidth: float) -> np.ndarray:
     """(128, T) -> (T * 320,): ``Vocos.decode`` with the bandwidth's id."""
-    return reference.decode(_t(features)[None], bandwidth_id=torch.tensor([bandwidth_id(bandwidth)]))[0].numpy()
+    bandwidth_id = torch.tensor([Bandwidth.parse(bandwidth).index])
+    return reference.decode(_t(features)[None], bandwidth_id=bandwidth_id)[0].numpy()
 
 
 def encodec_resynthesize(reference, audio: np.ndarray, bandwidth: float) -> np.ndarray:
     """``Vocos.forward(audio, bandwidth_id=...)`` on the EnCodec-variant model."""
-    return reference(_t(audio)[None], bandwidth_id=torch.tensor([bandwidth_id(bandwidth)]))[0].numpy()
+    return reference(_t(audio)[None], bandwidth_id=torch.tensor([Bandwidth.parse(bandwidth).index]))[0].numpy()
 
 
 def decode_codes(reference, codes: np.ndarray, bandwidth: float) -> np.ndarray:

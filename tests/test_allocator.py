@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from vocos_triton.allocator import MemoryReleaser
+from vocos_triton.serving.allocator import MemoryReleaser
 
 MIB = 2**20
 
@@ -41,7 +41,7 @@ def test_negative_allowance_never_trims():
 # Run in a fresh interpreter: the releaser switches glibc's own trimming off for the whole process.
 _REAL_HEAP = """
 import ctypes, json
-from vocos_triton.allocator import MemoryReleaser, anonymous_resident_bytes
+from vocos_triton.serving.allocator import MemoryReleaser, anonymous_resident_bytes
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from vocos_triton import checkpoints as ck
-from vocos_triton.random_checkpoints import ENCODEC_CONFIG, MEL_CONFIG
+from vocos_triton.build import checkpoints as ck
+from vocos_triton.build.random_checkpoints import ENCODEC_CONFIG, MEL_CONFIG
 
 
 def test_local_directory_loads_with_sha256(mel_checkpoint, checkpoint_paths):
@@ -95,7 +95,8 @@ def test_wrong_config(checkpoint_paths, tmp_path):
     config = yaml.safe_load((directory / "config.yaml").read_text())
     config["feature_extractor"]["class_path"] = "vocos.feature_extractors.Unknown"
     (directory / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(ck.CheckpointError, match="feature_extractor 'vocos.feature_extractors.Unknown' is not supported"):
+    unsupported = "feature_extractor 'vocos.feature_extractors.Unknown' is not supported"
+    with pytest.raises(ck.CheckpointError, match=unsupported):
         ck.load_vocos_checkpoint(str(directory))
 
 

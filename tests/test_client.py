@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import soxr
 
-import reference_outputs as ref
-from vocos_client import (AsyncVocosClient, DeadlineExceededError, InvalidInputError, ServerUnavailableError,
-                          VocosClient)
-from vocos_triton.server import free_port
+from vocos_client import AsyncVocosClient, DeadlineExceededError, InvalidInputError, ServerUnavailableError, VocosClient
+from vocos_triton.launcher.server import free_port
 from vocos_triton.speech import SENTENCES, speech
+
+import reference_outputs as ref
 
 PARITY = 1e-4   # the contract: equal to the reference packages per path
 BATCHED = 1e-5  # the contract: a request's output does not depend on what else was in its batch

@@ -10,10 +10,11 @@ import pytest
 import soundfile as sf
 import soxr
 
-import reference_outputs as ref
 from vocos_client.cli import main
-from vocos_triton.server import free_port
+from vocos_triton.launcher.server import free_port
 from vocos_triton.speech import SENTENCES, speech
+
+import reference_outputs as ref
 
 PARITY = 1e-4
 

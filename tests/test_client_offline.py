@@ -8,13 +8,19 @@ import textwrap
 import numpy as np
 import pytest
 import soxr
+from tritonclient.utils import InferenceServerException
 
-from vocos_client import (AsyncVocosClient, InvalidInputError, ServerUnavailableError, VocosClient, VocosError,
-                          pcm_to_float32)
+from vocos_client import (
+    AsyncVocosClient,
+    InvalidInputError,
+    ServerUnavailableError,
+    VocosClient,
+    VocosError,
+    pcm_to_float32,
+)
 from vocos_client._errors import from_triton
 from vocos_client._inputs import Limits, prepare
-from vocos_triton.server import free_port
-from tritonclient.utils import InferenceServerException
+from vocos_triton.launcher.server import free_port
 
 RNG = np.random.default_rng(0)
 

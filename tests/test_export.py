@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-import reference_outputs as ref
-from vocos_triton import export
-from vocos_triton import checkpoints as ck
-from vocos_triton.codebooks import TABLE_FILE
-from vocos_triton.export import ARTIFACT, PROVENANCE, ParityError, build_repository, pad_batch
-from vocos_triton.quantized import fidelity
+from vocos_triton.build import checkpoints as ck
+from vocos_triton.build import export
+from vocos_triton.build.export import ARTIFACT, PROVENANCE, ParityError, build_repository, pad_batch
+from vocos_triton.build.quantize import fidelity
+from vocos_triton.modules.vocoder import BatchedVocos
+from vocos_triton.serving.codebooks import TABLE_FILE
 from vocos_triton.speech import speech_clip
-from vocos_triton.vocoder import BatchedVocos
+
+import reference_outputs as ref
 
 MODELS = ["mel_features", "vocos_mel", "encodec_encoder", "encodec_embedding", "vocos_encodec"]
 
@@ -90,7 +91,7 @@ def test_artifacts_run_without_torchaudio_encodec_or_vocos(repository):
         import torch
         import vocos_triton.serving.models  # the Triton-side code imports cleanly too
         import vocos_triton.serving.embedding
-        from vocos_triton.codebooks import CodebookTable
+        from vocos_triton.serving.codebooks import CodebookTable
         repo = {str(repository)!r}
         audio = torch.randn(2, 24000) * 0.1
         lengths = torch.tensor([24000, 5000])
@@ -100,7 +101,8 @@ def test_artifacts_run_without_torchaudio_encodec_or_vocos(repository):
         codes = load("encodec_encoder")(audio, lengths, torch.tensor([8, 2]))
         codes = codes.clamp(min=0)
         table = CodebookTable.load(f"{{repo}}/encodec_embedding/1/codebooks.npy")
-        features = torch.from_numpy(np.stack([table.features(codes[0, :8].numpy()), table.features(codes[1, :2].numpy())]))
+        features = torch.from_numpy(np.stack([table.features(codes[0, :8].numpy()),
+                                              table.features(codes[1, :2].numpy())]))
         wave2 = load("vocos_encodec")(features, torch.tensor([75, 16]), torch.tensor([2, 0]))
         assert wave.shape == (2, 93 * 256) and wave2.shape == (2, 75 * 320), (wave.shape, wave2.shape)
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
@@ -122,7 +124,7 @@ def test_embedding_model_runs_without_torch(repository):
                     raise ImportError("torch is blocked in this test")
         sys.meta_path.insert(0, Block())
         import numpy as np
-        from vocos_triton.codebooks import CodebookTable
+        from vocos_triton.serving.codebooks import CodebookTable
         from vocos_triton.serving.embedding import EncodecEmbeddingModel
         table = CodebookTable.load({str(repository / "encodec_embedding" / "1" / TABLE_FILE)!r})
         assert table.features(np.zeros((8, 75), np.int64)).shape == (128, 75)
@@ -148,7 +150,7 @@ def test_make_repository_without_weights_fails_fast_with_instructions(tmp_path):
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
                HF_ENDPOINT="http://127.0.0.1:9")
     env.pop("HF_HUB_OFFLINE", None)
-    result = subprocess.run([sys.executable, "-m", "vocos_triton.export", "--output", str(tmp_path / "repo")],
+    result = subprocess.run([sys.executable, "-m", "vocos_triton.build.export", "--output", str(tmp_path / "repo")],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
     assert "charactr/vocos-mel-24khz" in result.stderr and "RANDOM_WEIGHTS=1" in result.stderr
@@ -178,7 +180,7 @@ def test_opt_in_int8_vocoder_records_its_fidelity_and_stays_batch_independent(tm
 
 def test_int8_vocoder_keeps_the_mode_of_its_source(reference_mel):
     """The bench and the export freeze it, which needs eval mode: the wrapper must not reset it."""
-    from vocos_triton.quantized import quantize_vocoder
+    from vocos_triton.build.quantize import quantize_vocoder
 
     quantized = quantize_vocoder(BatchedVocos(reference_mel).eval())
     assert not any(m.training for m in quantized.modules())

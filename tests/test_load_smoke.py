@@ -5,6 +5,7 @@ library with gevent on import, which must not happen inside the pytest process.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vocos_triton.server import TritonServer
+from vocos_triton.launcher.server import TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUNNER = PROJECT_ROOT / "load_tests" / "run_load_test.py"
@@ -73,7 +74,7 @@ def test_runner_duration_and_memory_report() -> None:
     runner = _load_runner()
     assert runner.parse_duration("60s") == 60 and runner.parse_duration("1m30s") == 90
     assert runner.parse_duration("45") == 45
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         runner.parse_duration("soon")
     mib = 2**20
     samples = [runner.MemorySample(t, (1000 + 10 * t) * mib, 6) for t in (0, 2, 4, 10, 12, 20)]
@@ -81,3 +82,32 @@ def test_runner_duration_and_memory_report() -> None:
     # start is the first sample after the warm-up, end the last one
     assert report.start_bytes == 1100 * mib and report.end_bytes == 1200 * mib
     assert report.growth_percent == pytest.approx(100 / 11, abs=0.01)
+
+
+class RecordingClient:
+    """Stands in for VocosClient in the bench's case table: records how each runner would call it."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def synthesize(self, **kwargs):
+        self.calls.append(("synthesize", 1))
+
+    def synthesize_batch(self, items, max_concurrency):
+        self.calls.append(("synthesize_batch", len(items), max_concurrency))
+
+
+def test_bench_cases_send_each_batch_at_its_own_concurrency(reference_mel, reference_encodec):
+    """``--batches 8 1``: the batch-8 cases must run at concurrency 8 (a late-bound loop variable made them 1)."""
+    spec = importlib.util.spec_from_file_location("bench", PROJECT_ROOT / "load_tests" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    client = RecordingClient()
+    cases, inputs = bench.build_cases(reference_mel, reference_encodec, client, [1], [8, 1])
+    assert [(case.variant, case.batch) for case in cases] == [("mel", 8), ("encodec", 8), ("mel", 1), ("encodec", 1)]
+    for case in cases:
+        case.runners["triton"]()
+    assert client.calls == [("synthesize_batch", 8, 8), ("synthesize_batch", 8, 8), ("synthesize", 1),
+                            ("synthesize", 1)]
+    assert inputs["mel-1s-b8.mel"].shape[0] == 8 and inputs["encodec-1s-b1.codes"].shape[0] == 1

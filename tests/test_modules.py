@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import reference_outputs as ref
-from vocos_triton.codebooks import CodebookTable
+from vocos_triton.build.export import pad_batch
 from vocos_triton.contract import BANDWIDTHS, CODEBOOKS, encodec_frames, mel_frames
-from vocos_triton.encoder import EncodecEncoder
-from vocos_triton.export import pad_batch
-from vocos_triton.features import MelFeatures
+from vocos_triton.modules.encoder import EncodecEncoder
+from vocos_triton.modules.features import MelFeatures
+from vocos_triton.modules.vocoder import BatchedVocos
+from vocos_triton.serving.codebooks import CodebookTable
 from vocos_triton.speech import speech_clip
-from vocos_triton.vocoder import BatchedVocos
+
+import reference_outputs as ref
 
 REFERENCE_TOLERANCE = 1e-4
 BATCH_TOLERANCE = 1e-5
@@ -127,7 +128,8 @@ class TestEncodecPath:
     def test_codes_on_speech_are_not_degenerate(self, modules, speech_3s):
         codes = run_encoder(modules["encodec_encoder"], [speech_3s], [16])[0]
         assert len(np.unique(codes)) > 100
-        assert all(len(np.unique(row)) > 10 for row in codes), "every codebook must vary (pretrained=False codebooks are all zero)"
+        # pretrained=False codebooks are all zero: every codebook must vary
+        assert all(len(np.unique(row)) > 10 for row in codes)
 
     def test_embedding_equals_codes_to_features_bit_for_bit(self, modules, reference_encodec, clips):
         """The numpy table adds the codebooks in the reference's order: not close, equal."""
@@ -178,7 +180,8 @@ class TestEncodecPath:
 def test_masked_backbone_equals_vocos_backbone(reference_encodec, speech_1s):
     """The rewritten forward (what must differ) equals the original module on one item."""
     vocoder = BatchedVocos(reference_encodec).eval()
-    features = torch.from_numpy(ref.codes_to_features(reference_encodec, ref.encodec_codes(reference_encodec, speech_1s, 3.0)))[None]
+    codes = ref.encodec_codes(reference_encodec, speech_1s, 3.0)
+    features = torch.from_numpy(ref.codes_to_features(reference_encodec, codes))[None]
     with torch.inference_mode():
         ours = vocoder.backbone(features, torch.tensor([features.shape[-1]]), torch.tensor([1]))
         theirs = reference_encodec.backbone(features, bandwidth_id=torch.tensor([1]))

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vocos_triton import profiles
-from vocos_triton.serving import models as serving_models
+from vocos_triton.launcher import profiles
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 CONTRACT_CHECKER = REPOSITORY.parent.parent / "shared" / "tools" / "check_contract.py"
@@ -73,7 +72,7 @@ def test_ensemble_graph_resolves_with_matching_types_and_dims(name):
 
 def test_gpu_profiles_are_rendered_from_the_cpu_configs():
     for path, text in profiles.render_all(REPOSITORY).items():
-        assert path.read_text() == text, f"{path} is stale: run python -m vocos_triton.profiles"
+        assert path.read_text() == text, f"{path} is stale: run python -m vocos_triton.launcher.profiles"
         gpu = profiles.load_config(path)
         assert [g.kind for g in gpu.instance_group] == [profiles.mc.ModelInstanceGroup.Kind.KIND_GPU]
         cpu = CONFIGS[path.parent.parent.name]

@@ -9,14 +9,15 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
+
+from vocos_triton.contract import BANDWIDTHS, CODEBOOKS, Limits, Model, mel_frames
+from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
+from vocos_triton.launcher.watchdog import python_stubs
+from vocos_triton.speech import speech_clip
 
 import reference_outputs as ref
 from triton_helpers import bandwidth_tensor, infer, make_inputs
-from vocos_triton.contract import BANDWIDTHS, CODEBOOKS, max_samples, mel_frames
-from vocos_triton.server import LaunchError, ServerOptions, TritonServer, free_port, python_stubs
-from vocos_triton.speech import speech_clip
 
 TOLERANCE = 1e-4
 SOLO_TOLERANCE = 1e-5
@@ -67,7 +68,7 @@ class TestParityOverGrpc:
 
 def _concurrent(client, model: str, requests: List[Dict[str, np.ndarray]]) -> List[Tuple[object, object]]:
     """Send all requests at once (async), return (result, error) per request in order."""
-    done: "queue.Queue[Tuple[int, object, object]]" = queue.Queue()
+    done: queue.Queue[Tuple[int, object, object]] = queue.Queue()
     for i, inputs in enumerate(requests):
         client.async_infer(model, make_inputs(inputs), callback=lambda result, error, i=i: done.put((i, result, error)),
                            client_timeout=120)
@@ -132,11 +133,12 @@ BAD_INPUTS = {
     "wrong rank": ("vocos_mel", {"mel": MEL[0]}, True, "mel", "unexpected shape"),
     "wrong channel count": ("vocos_mel", {"mel": np.zeros((80, 50), np.float32)}, True, "mel", "[-1,100,-1]"),
     "mel too short": ("vocos_mel", {"mel": MEL[:, :1].copy()}, True, "mel", "expected at least 2 frames, got 1"),
-    "mel too long": ("vocos_mel", {"mel": np.zeros((100, mel_frames(max_samples(60)) + 1), np.float32)}, True,
+    "mel too long": ("vocos_mel", {"mel": np.zeros((100, mel_frames(Limits(60).max_samples) + 1), np.float32)}, True,
                      "mel", "never truncated"),
     "empty audio": ("resynthesize_mel", {"audio": AUDIO[:0]}, True, "audio", "got an empty audio"),
     "audio too short for the mel": ("mel_features", {"audio": AUDIO[:512]}, True, "audio", "at least 513 samples"),
-    "audio too long": ("resynthesize_encodec", {"audio": np.zeros(max_samples(60) + 1, np.float32), "bandwidth": BW6},
+    "audio too long": ("resynthesize_encodec",
+                       {"audio": np.zeros(Limits(60).max_samples + 1, np.float32), "bandwidth": BW6},
                        True, "audio", "at most 1440000 samples (60 s)"),
     "NaN audio": ("resynthesize_mel", {"audio": np.where(np.arange(4_800) == 7, np.nan, AUDIO).astype(np.float32)},
                   True, "audio", "got NaN at index [7]"),
@@ -206,7 +208,9 @@ def test_stubs_run_in_the_serving_runtime_and_the_embedding_without_torch(triton
     embedding maps no torch at all: the memory the lean runtime is for."""
     runtime = triton.runtime
     stubs = python_stubs(triton.process.pid)
-    assert sorted(stubs.values()) == ["encodec_embedding", "encodec_encoder", "mel_features", "vocos_encodec", "vocos_mel"]
+    python_models = [Model.ENCODEC_EMBEDDING, Model.ENCODEC_ENCODER, Model.MEL_FEATURES, Model.VOCOS_ENCODEC,
+                     Model.VOCOS_MEL]
+    assert sorted(stubs.values()) == sorted(python_models)
     for pid, model in stubs.items():
         libraries = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
                      if "libtorch_cpu.so" in line}
@@ -226,7 +230,7 @@ def test_launcher_refuses_a_runtime_that_cannot_serve(repository, tmp_path):
 def test_requests_cancelled_while_queued_are_skipped(triton, grpc_client, reference_mel, speech_1s):
     """A client that gave up (deadline) while its request queued behind a long one costs no compute."""
     before = triton.log_file.read_text().count("skipped a request cancelled by its client")
-    done: "queue.Queue[object]" = queue.Queue()
+    done: queue.Queue[object] = queue.Queue()
     long_mel = np.zeros((100, 5_600), np.float32)  # about 60 s of audio: keeps vocos_mel busy
     grpc_client.async_infer("vocos_mel", make_inputs({"mel": long_mel}), callback=lambda result, error: done.put(error),
                             client_timeout=120)

@@ -16,10 +16,11 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from vocos_client import VocosClient
+from vocos_triton.launcher.watchdog import python_stubs
+
 import reference_outputs as ref
 from triton_helpers import make_inputs
-from vocos_client import VocosClient
-from vocos_triton.server import python_stubs
 
 RESTORE_WITHIN_S = 10.0
 

@@ -10,8 +10,16 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from ._client import ProgressCallback, triton_inputs
-from ._common import ENTRY_MODELS, Attempts, BatchItem, ClientBase, prepare_batch, waveform
+from ._common import (
+    ENTRY_MODELS,
+    Attempts,
+    BatchItem,
+    ClientBase,
+    ProgressCallback,
+    prepare_batch,
+    triton_inputs,
+    waveform,
+)
 from ._errors import ServerUnavailableError, VocosError, from_triton
 from ._inputs import OUTPUT, ArrayLike, Request
 
@@ -42,7 +50,7 @@ class AsyncVocosClient(ClientBase):
         if client is not None:
             await client.close()
 
-    async def __aenter__(self) -> "AsyncVocosClient":
+    async def __aenter__(self) -> AsyncVocosClient:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:

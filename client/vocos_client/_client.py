@@ -5,33 +5,26 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from ._common import ENTRY_MODELS, Attempts, BatchItem, ClientBase, prepare_batch, waveform
-from ._errors import InvalidInputError, ServerUnavailableError, VocosError, from_triton
+from ._common import (
+    ENTRY_MODELS,
+    Attempts,
+    BatchItem,
+    ClientBase,
+    ProgressCallback,
+    prepare_batch,
+    triton_inputs,
+    waveform,
+)
+from ._errors import ServerUnavailableError, VocosError, from_triton
 from ._inputs import OUTPUT, ArrayLike, Request
 
 log = logging.getLogger("vocos_client")
-
-ProgressCallback = Callable[[int], None]
-
-
-def triton_inputs(module: Any, request: Request) -> List[Any]:
-    """``InferInput`` objects (of ``tritonclient.grpc`` or its ``aio`` twin) with the batch dimension."""
-    made = []
-    for name, value in request.batched().items():
-        dtype = module.np_to_triton_dtype(value.dtype)
-        if dtype is None:  # only reachable with validate=False: validation rejects such dtypes first
-            raise InvalidInputError(f"{name}: dtype {value.dtype.name} has no Triton equivalent", tensor=name)
-        tensor = module.InferInput(name, list(value.shape), dtype)
-        tensor.set_data_from_numpy(value)
-        made.append(tensor)
-    return made
-
 
 class VocosClient(ClientBase):
     """Synthesize 24 kHz speech with the Vocos models on a Triton server (gRPC).
@@ -80,7 +73,7 @@ class VocosClient(ClientBase):
                 self._pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vocos-client")
             return self._pools[workers]
 
-    def __enter__(self) -> "VocosClient":
+    def __enter__(self) -> VocosClient:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -7,7 +7,7 @@ import random
 import time
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -21,6 +21,21 @@ PathOrStr = Union[str, "PathLike[str]"]
 BatchItem = Union[np.ndarray, Sequence[Any], Mapping[str, Any]]
 
 _INT32_MAX = 2**31 - 1
+
+ProgressCallback = Callable[[int], None]
+
+
+def triton_inputs(module: Any, request: Request) -> List[Any]:
+    """``InferInput`` objects (of ``tritonclient.grpc`` or its ``aio`` twin) with the batch dimension."""
+    made = []
+    for name, value in request.batched().items():
+        dtype = module.np_to_triton_dtype(value.dtype)
+        if dtype is None:  # only reachable with validate=False: validation rejects such dtypes first
+            raise InvalidInputError(f"{name}: dtype {value.dtype.name} has no Triton equivalent", tensor=name)
+        tensor = module.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        made.append(tensor)
+    return made
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,7 @@ class Options:
     @classmethod
     def make(cls, url: str, *, timeout: Optional[float], retries: int, backoff: float, ssl: bool,
              root_certificates: Optional[PathOrStr], private_key: Optional[PathOrStr],
-             certificate_chain: Optional[PathOrStr], validate: bool, max_seconds: float) -> "Options":
+             certificate_chain: Optional[PathOrStr], validate: bool, max_seconds: float) -> Options:
         if retries < 0:
             raise ValueError(f"retries: expected >= 0, got {retries}")
         if backoff < 0:

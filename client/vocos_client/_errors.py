@@ -14,6 +14,8 @@ from typing import Optional
 
 from tritonclient.utils import InferenceServerException
 
+from vocos_triton.contract import Tensor
+
 __all__ = [
     "VocosError",
     "InvalidInputError",
@@ -27,7 +29,8 @@ UNAVAILABLE = "StatusCode.UNAVAILABLE"
 DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
 
 # The contract's messages start with the tensor's name: "codes: expected values in [0, 1024), ...".
-_TENSOR_PREFIX = re.compile(r"^(audio|mel|codes|bandwidth|features|bandwidth_id): ")
+_TENSOR_PREFIX = re.compile(
+    "^(" + "|".join(sorted((v for k, v in vars(Tensor).items() if k.isupper()), key=len, reverse=True)) + "): ")
 # Triton core's own checks (dtype, shape) quote the input instead: "... for inference input 'mel', ...".
 _TENSOR_QUOTED = re.compile(r"input '([A-Za-z_]+)'")
 # Routing noise Triton puts before a model's message: "[request id: <id_unknown>] " and, for an error
@@ -57,7 +60,7 @@ class VocosError(Exception):
     def __str__(self) -> str:
         return self.message
 
-    def for_item(self, index: int) -> "VocosError":
+    def for_item(self, index: int) -> VocosError:
         """A copy whose message names batch item ``index`` (``"item 3: mel: ..."``); ``__cause__`` is self."""
         clone = copy.copy(self)
         clone.message = f"item {index}: {self.message}"

@@ -24,6 +24,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from vocos_triton import contract as c
+from vocos_triton.contract import Tensor
 
 from ._errors import InvalidInputError
 
@@ -33,43 +34,14 @@ ArrayLike = Union[np.ndarray, Sequence[Any]]
 
 #: Output sample rate of every model (and the rate the server expects audio at).
 SAMPLE_RATE = c.SAMPLE_RATE
-
 #: Which Triton model serves which kind of input (``audio_mel``: audio without a bandwidth).
-MODELS: Mapping[str, str] = {
-    "mel": "vocos_mel",
-    "audio_mel": "resynthesize_mel",
-    "audio_encodec": "resynthesize_encodec",
-    "codes": "decode_codes",
-}
-OUTPUT = "waveform"
-
-#: torch.stft's reflect padding of n_fft // 2 = 512 needs more samples than that (vocos 0.1.0).
-MEL_MIN_SAMPLES = 513
-ENCODEC_MIN_SAMPLES = 1
-MEL_MIN_FRAMES = 2
-CODES_MIN_FRAMES = 1
+MODELS: Mapping[str, str] = c.ENTRY_MODELS
+OUTPUT = Tensor.WAVEFORM
+Limits = c.Limits
+DEFAULT_LIMITS = Limits()
 
 # Integer PCM: full scale of each signed type, and the offset of unsigned 8-bit WAV data.
 _PCM_SCALE = {np.dtype(np.int8): 2.0**7, np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-item limits; they must equal the server's ``max_seconds`` parameter (60 s by default)."""
-
-    max_seconds: float = c.DEFAULT_MAX_SECONDS
-
-    @property
-    def max_samples(self) -> int:
-        return c.max_samples(self.max_seconds)
-
-    @property
-    def max_mel_frames(self) -> int:
-        return c.mel_frames(self.max_samples)
-
-    @property
-    def max_code_frames(self) -> int:
-        return c.encodec_frames(self.max_samples)
 
 
 @dataclass(frozen=True)
@@ -145,14 +117,21 @@ def _sample_rate(sample_rate: Any) -> int:
     return int(rate)
 
 
-def _bandwidth(bandwidth: Any, validate: bool) -> float:
+def _bandwidth(bandwidth: Any, validate: bool) -> Optional[c.Bandwidth]:
+    """``None`` for no bandwidth; the parsed one; unvalidated, a number the server will judge."""
+    if bandwidth is None:
+        return None
     try:
         value = float(bandwidth)
     except (TypeError, ValueError):
-        raise _invalid("bandwidth", f"expected kbps as a number, got {bandwidth!r}") from None
-    if validate:
-        c.bandwidth_id(value)
-    return value
+        raise _invalid(Tensor.BANDWIDTH, f"expected kbps as a number, got {bandwidth!r}") from None
+    if validate or value in c.BANDWIDTHS:
+        return c.Bandwidth.parse(value)
+    return c.Bandwidth(value, -1, -1)  # validate=False: sent as given, for the server to refuse
+
+
+def _bandwidth_tensor(bandwidth: c.Bandwidth) -> np.ndarray:
+    return np.array([bandwidth.kbps], np.float32)
 
 
 def _squeeze_batch(array: np.ndarray, axes: Sequence[int]) -> np.ndarray:
@@ -178,6 +157,46 @@ def _as_codes(codes: ArrayLike) -> np.ndarray:
     return _squeeze_batch(array, (1, 0))
 
 
+def _prepare_mel(mel: ArrayLike, bandwidth: Any, limits: Limits, validate: bool) -> Request:
+    if bandwidth is not None:
+        raise _invalid(Tensor.BANDWIDTH, "the mel vocoder has no bandwidth; use it with audio= or codes=")
+    array = _as_mel(mel)
+    if validate:
+        c.validate_mel(array, c.MEL_MIN_FRAMES, limits.max_mel_frames)
+    return Request(MODELS["mel"], {Tensor.MEL: array})
+
+
+def _prepare_audio(audio: ArrayLike, sample_rate: Any, bandwidth: Any, limits: Limits, validate: bool) -> Request:
+    rate = _sample_rate(sample_rate)
+    parsed = _bandwidth(bandwidth, validate)
+    samples = resample(pcm_to_float32(audio), rate)
+    if validate:
+        minimum = c.MEL_MIN_SAMPLES if parsed is None else c.ENCODEC_MIN_SAMPLES
+        c.validate_audio(samples, minimum, limits.max_samples)
+    if rate != SAMPLE_RATE:
+        log.debug("resampled audio from %d Hz to %d Hz: %d samples", rate, SAMPLE_RATE, samples.shape[0])
+    if parsed is None:
+        return Request(MODELS["audio_mel"], {Tensor.AUDIO: samples})
+    return Request(MODELS["audio_encodec"], {Tensor.AUDIO: samples, Tensor.BANDWIDTH: _bandwidth_tensor(parsed)})
+
+
+def prepare_codes(codes: ArrayLike, bandwidth: Any, limits: Limits, validate: bool,
+                  model: str = MODELS["codes"], min_frames: int = c.CODES_MIN_FRAMES) -> Request:
+    """(K, T) codes and their bandwidth (inferred from K when ``None``) as a request to ``model``."""
+    array = _as_codes(codes)
+    parsed = _bandwidth(bandwidth, validate)
+    if validate:
+        parsed = c.validate_codes(array, parsed, min_frames, limits.max_code_frames)
+    elif parsed is None:
+        # Unvalidated: the server still needs a bandwidth tensor; a valid placeholder lets it judge K.
+        k = array.shape[0] if array.ndim >= 1 else 0
+        parsed = c.Bandwidth.for_codebooks(k) if k in c.CODEBOOKS else c.Bandwidth.from_index(len(c.BANDWIDTHS) - 1)
+    if np.issubdtype(array.dtype, np.integer):
+        # Validated values are in [0, 1024), so the cast cannot wrap; unvalidated ones go as they are.
+        array = array.astype(np.int64, copy=False)
+    return Request(model, {Tensor.CODES: np.ascontiguousarray(array), Tensor.BANDWIDTH: _bandwidth_tensor(parsed)})
+
+
 def prepare(
     *,
     mel: Optional[ArrayLike] = None,
@@ -185,7 +204,7 @@ def prepare(
     sample_rate: Optional[int] = None,
     bandwidth: Optional[float] = None,
     codes: Optional[ArrayLike] = None,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
     validate: bool = True,
 ) -> Request:
     """Check the call, convert the input and pick the model; raise :class:`InvalidInputError` early.
@@ -193,48 +212,24 @@ def prepare(
     ``validate=False`` skips the contract checks on the tensors (the server makes them anyway) but
     still converts dtypes, resamples and checks the call itself (one input kind, ``sample_rate``).
     """
-    given = [name for name, value in (("mel", mel), ("audio", audio), ("codes", codes)) if value is not None]
-    if len(given) != 1:
-        got = " and ".join(f"{name}=" for name in given) if given else "none"
-        raise _invalid(None, f"expected exactly one of mel=, audio= or codes=, got {got}")
-    kind = given[0]
+    kind = input_kind(mel=mel, audio=audio, codes=codes)
     if sample_rate is not None and kind != "audio":
         raise _invalid("sample_rate", f"only applies to audio=, not {kind}= (mel and codes are 24 kHz by construction)")
-
     try:
         if kind == "mel":
-            if bandwidth is not None:
-                raise _invalid("bandwidth", "the mel vocoder has no bandwidth; use it with audio= or codes=")
-            array = _as_mel(mel)
-            if validate:
-                c.validate_mel(array, MEL_MIN_FRAMES, limits.max_mel_frames)
-            return Request(MODELS["mel"], {"mel": array})
-
+            return _prepare_mel(mel, bandwidth, limits, validate)
         if kind == "audio":
-            rate = _sample_rate(sample_rate)
-            kbps = None if bandwidth is None else _bandwidth(bandwidth, validate)
-            samples = resample(pcm_to_float32(audio), rate)
-            if validate:
-                minimum = MEL_MIN_SAMPLES if kbps is None else ENCODEC_MIN_SAMPLES
-                c.validate_audio(samples, minimum, limits.max_samples)
-            if rate != SAMPLE_RATE:
-                log.debug("resampled audio from %d Hz to %d Hz: %d samples", rate, SAMPLE_RATE, samples.shape[0])
-            if kbps is None:
-                return Request(MODELS["audio_mel"], {"audio": samples})
-            return Request(MODELS["audio_encodec"], {"audio": samples, "bandwidth": np.array([kbps], np.float32)})
-
-        array = _as_codes(codes)
-        kbps = None if bandwidth is None else _bandwidth(bandwidth, validate)
-        if validate:
-            kbps = c.validate_codes(array, kbps, CODES_MIN_FRAMES, limits.max_code_frames)
-        elif kbps is None:
-            # Unvalidated: the server still needs a bandwidth tensor; a valid placeholder lets it judge K.
-            k = array.shape[0] if array.ndim >= 1 else 0
-            kbps = c.BANDWIDTHS[c.CODEBOOKS.index(k)] if k in c.CODEBOOKS else c.BANDWIDTHS[-1]
-        if np.issubdtype(array.dtype, np.integer):
-            # Validated values are in [0, 1024), so the cast cannot wrap; unvalidated ones go as they are.
-            array = array.astype(np.int64, copy=False)
-        return Request(MODELS["codes"], {"codes": np.ascontiguousarray(array),
-                                         "bandwidth": np.array([kbps], np.float32)})
+            return _prepare_audio(audio, sample_rate, bandwidth, limits, validate)
+        return prepare_codes(codes, bandwidth, limits, validate)
     except c.InvalidInput as exc:
         raise _contract(exc) from None
+
+
+def input_kind(**given: Any) -> str:
+    """The one keyword of ``given`` that is not ``None``, or :class:`InvalidInputError`."""
+    names = [name for name, value in given.items() if value is not None]
+    if len(names) != 1:
+        got = " and ".join(f"{name}=" for name in names) if names else "none"
+        options = ", ".join(f"{name}=" for name in given)
+        raise _invalid(None, f"expected exactly one of {options.rsplit(', ', 1)[0]} or {list(given)[-1]}=, got {got}")
+    return names[0]

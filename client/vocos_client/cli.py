@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("resynth", "audio files -> resynthesized 24 kHz wav (mel, or EnCodec with --bandwidth)", "IN.wav") \
-        .add_argument("--bandwidth", metavar="KBPS", type=float, help="EnCodec kbps: 1.5, 3, 6 or 12 (default: mel path)")
+        .add_argument("--bandwidth", metavar="KBPS", type=float,
+                      help="EnCodec kbps: 1.5, 3, 6 or 12 (default: mel path)")
     command("codes", "(K, T) EnCodec codes .npy -> wav", "IN.npy") \
         .add_argument("--bandwidth", metavar="KBPS", type=float, help="kbps (default: from K: 2/4/8/16 -> 1.5/3/6/12)")
     command("mel", "(100, T) log-mel .npy -> wav", "IN.npy")

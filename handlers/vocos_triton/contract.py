@@ -9,6 +9,7 @@ It needs numpy only (no torch), because the client imports it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -23,6 +24,54 @@ BANDWIDTHS = (1.5, 3.0, 6.0, 12.0)
 #: EnCodec 24 kHz spends log2(1024) bits x 75 frames/s = 750 bps per codebook.
 CODEBOOKS = (2, 4, 8, 16)
 DEFAULT_MAX_SECONDS = 60.0
+
+
+class Model:
+    """Triton model names (``model_repository/<name>/``)."""
+
+    MEL_FEATURES = "mel_features"
+    VOCOS_MEL = "vocos_mel"
+    ENCODEC_ENCODER = "encodec_encoder"
+    ENCODEC_EMBEDDING = "encodec_embedding"
+    VOCOS_ENCODEC = "vocos_encodec"
+    RESYNTHESIZE_MEL = "resynthesize_mel"
+    RESYNTHESIZE_ENCODEC = "resynthesize_encodec"
+    DECODE_CODES = "decode_codes"
+    VOCOS_MEL_STREAM = "vocos_mel_stream"
+    DECODE_CODES_STREAM = "decode_codes_stream"
+
+
+class Tensor:
+    """Tensor names: ``audio`` is always a recording going in, ``waveform`` always synthesized audio."""
+
+    AUDIO = "audio"
+    MEL = "mel"
+    CODES = "codes"
+    BANDWIDTH = "bandwidth"
+    FEATURES = "features"
+    BANDWIDTH_ID = "bandwidth_id"
+    WAVEFORM = "waveform"
+
+
+#: The entry points a client calls, by input kind (``audio_mel``: audio without a bandwidth).
+ENTRY_MODELS = {
+    "mel": Model.VOCOS_MEL,
+    "audio_mel": Model.RESYNTHESIZE_MEL,
+    "audio_encodec": Model.RESYNTHESIZE_ENCODEC,
+    "codes": Model.DECODE_CODES,
+}
+#: The streaming models, by input kind.
+STREAM_MODELS = {"mel": Model.VOCOS_MEL_STREAM, "codes": Model.DECODE_CODES_STREAM}
+
+#: torch.stft's reflect padding of n_fft // 2 = 512 needs more samples than that (vocos 0.1.0).
+MEL_MIN_SAMPLES = 513
+ENCODEC_MIN_SAMPLES = 1
+#: the centred ISTFT makes (T - 1) * 256 samples, so one frame makes none
+MEL_MIN_FRAMES = 2
+CODES_MIN_FRAMES = 1
+FEATURES_MIN_FRAMES = 1
+#: a stream's chunk may be a single frame; the sequence as a whole must reach the offline minimum
+STREAM_CHUNK_MIN_FRAMES = 1
 
 
 class InvalidInput(ValueError):
@@ -58,26 +107,56 @@ def _format_number(value: float) -> str:
     return f"{value:g}"
 
 
-def bandwidth_id(bandwidth: float, tensor: str = "bandwidth") -> int:
-    """Index 0..3 of ``bandwidth`` (kbps) in :data:`BANDWIDTHS`, or :class:`InvalidInput`."""
-    value = float(bandwidth)
-    for index, allowed in enumerate(BANDWIDTHS):
-        if value == allowed:
-            return index
-    allowed_text = ", ".join(_format_number(b) for b in BANDWIDTHS)
-    raise InvalidInput(tensor, f"expected one of {allowed_text} kbps, got {_format_number(value)}")
+@dataclass(frozen=True)
+class Bandwidth:
+    """One EnCodec bandwidth, parsed once: ``kbps`` (1.5/3/6/12), ``index`` (the ``bandwidth_id`` 0..3)
+    and ``codebooks`` (K = 2/4/8/16)."""
+
+    kbps: float
+    index: int
+    codebooks: int
+
+    @classmethod
+    def parse(cls, value: object, tensor: str = Tensor.BANDWIDTH) -> Bandwidth:
+        """A kbps value: a number, or a tensor of shape (1,); anything else is :class:`InvalidInput`."""
+        flat = np.asarray(value, dtype=np.float64).reshape(-1)
+        if flat.size != 1:
+            raise InvalidInput(tensor, f"expected one value in kbps, got {flat.size} values")
+        kbps = float(flat[0])
+        if kbps not in BANDWIDTHS:
+            allowed = ", ".join(_format_number(b) for b in BANDWIDTHS)
+            raise InvalidInput(tensor, f"expected one of {allowed} kbps, got {_format_number(kbps)}")
+        return cls.from_index(BANDWIDTHS.index(kbps))
+
+    @classmethod
+    def from_index(cls, index: int) -> Bandwidth:
+        return cls(BANDWIDTHS[index], index, CODEBOOKS[index])
+
+    @classmethod
+    def for_codebooks(cls, num_codebooks: int, tensor: str = Tensor.CODES) -> Bandwidth:
+        """The bandwidth whose codes have ``num_codebooks`` rows, or :class:`InvalidInput`."""
+        if num_codebooks not in CODEBOOKS:
+            raise InvalidInput(tensor, f"expected 2, 4, 8 or 16 codebooks (1.5/3/6/12 kbps), got {num_codebooks}")
+        return cls.from_index(CODEBOOKS.index(num_codebooks))
 
 
-def codebooks_for_bandwidth(bandwidth: float) -> int:
-    """Number of EnCodec codebooks K that ``bandwidth`` kbps uses."""
-    return CODEBOOKS[bandwidth_id(bandwidth)]
+@dataclass(frozen=True)
+class Limits:
+    """Per-item length limits derived from ``max_seconds`` (the models' ``max_seconds`` parameter)."""
 
+    max_seconds: float = DEFAULT_MAX_SECONDS
 
-def bandwidth_for_codebooks(num_codebooks: int, tensor: str = "codes") -> float:
-    """The bandwidth (kbps) whose codes have ``num_codebooks`` rows, or :class:`InvalidInput`."""
-    if num_codebooks not in CODEBOOKS:
-        raise InvalidInput(tensor, f"expected 2, 4, 8 or 16 codebooks (1.5/3/6/12 kbps), got {num_codebooks}")
-    return BANDWIDTHS[CODEBOOKS.index(num_codebooks)]
+    @property
+    def max_samples(self) -> int:
+        return int(round(self.max_seconds * SAMPLE_RATE))
+
+    @property
+    def max_mel_frames(self) -> int:
+        return mel_frames(self.max_samples)
+
+    @property
+    def max_code_frames(self) -> int:
+        return encodec_frames(self.max_samples)
 
 
 def check_dtype(tensor: str, array: np.ndarray, expected: np.dtype) -> None:
@@ -113,7 +192,7 @@ def check_length(tensor: str, length: int, minimum: int, maximum: int, unit: str
         )
 
 
-def validate_audio(audio: np.ndarray, min_samples: int, max_samples: int, tensor: str = "audio") -> None:
+def validate_audio(audio: np.ndarray, min_samples: int, max_samples: int, tensor: str = Tensor.AUDIO) -> None:
     """One item of 24 kHz mono audio, shape (L,), float32, finite."""
     check_dtype(tensor, audio, np.float32)
     check_rank(tensor, audio, 1, "(samples,)")
@@ -131,21 +210,20 @@ def _validate_frames(tensor: str, array: np.ndarray, channels: int, what: str, m
     check_finite(tensor, array)
 
 
-def validate_mel(mel: np.ndarray, min_frames: int, max_frames: int, tensor: str = "mel") -> None:
+def validate_mel(mel: np.ndarray, min_frames: int, max_frames: int, tensor: str = Tensor.MEL) -> None:
     """One item of log-mel features, shape (100, T), float32, finite."""
     _validate_frames(tensor, mel, MEL_BINS, "mel bins", min_frames, max_frames, SAMPLE_RATE / MEL_HOP)
 
 
-def validate_features(features: np.ndarray, min_frames: int, max_frames: int, tensor: str = "features") -> None:
+def validate_features(features: np.ndarray, min_frames: int, max_frames: int, tensor: str = Tensor.FEATURES) -> None:
     """One item of EnCodec embedding features, shape (128, T), float32, finite."""
     _validate_frames(tensor, features, FEATURE_DIM, "feature channels", min_frames, max_frames,
                      SAMPLE_RATE / ENCODEC_HOP)
 
 
-def validate_codes(
-    codes: np.ndarray, bandwidth: Optional[float], min_frames: int, max_frames: int, tensor: str = "codes"
-) -> float:
-    """One item of EnCodec codes, shape (K, T), integer, in [0, 1024); returns the bandwidth in kbps.
+def validate_codes(codes: np.ndarray, bandwidth: Optional[Bandwidth], min_frames: int, max_frames: int,
+                   tensor: str = Tensor.CODES) -> Bandwidth:
+    """One item of EnCodec codes, shape (K, T), integer, in [0, 1024); returns its bandwidth.
 
     ``bandwidth=None`` infers it from K; otherwise K must be the bandwidth's codebook count.
     """
@@ -153,27 +231,28 @@ def validate_codes(
         raise InvalidInput(tensor, f"expected integer codes (int64), got dtype {codes.dtype.name}")
     check_rank(tensor, codes, 2, "(codebooks, frames)")
     num_codebooks, num_frames = codes.shape
-    implied = bandwidth_for_codebooks(num_codebooks, tensor)
-    if bandwidth is not None:
-        expected_k = codebooks_for_bandwidth(bandwidth)
-        if expected_k != num_codebooks:
-            raise InvalidInput(
-                tensor,
-                f"{num_codebooks} codebooks do not match bandwidth {_format_number(float(bandwidth))} kbps, "
-                f"which expects {expected_k}",
-            )
-        implied = float(bandwidth)
+    implied = Bandwidth.for_codebooks(num_codebooks, tensor)
+    if bandwidth is not None and bandwidth.codebooks != num_codebooks:
+        raise InvalidInput(
+            tensor,
+            f"{num_codebooks} codebooks do not match bandwidth {_format_number(bandwidth.kbps)} kbps, "
+            f"which expects {bandwidth.codebooks}",
+        )
     check_length(tensor, num_frames, min_frames, max_frames, "frames", SAMPLE_RATE / ENCODEC_HOP)
+    check_code_values(codes, tensor)
+    return implied
+
+
+def check_code_values(codes: np.ndarray, tensor: str = Tensor.CODES) -> None:
     out_of_range = (codes < 0) | (codes >= CODEBOOK_SIZE)
     if out_of_range.any():
         where = tuple(int(i) for i in np.argwhere(out_of_range)[0])
         raise InvalidInput(
             tensor, f"expected values in [0, {CODEBOOK_SIZE}), got {int(codes[where])} at index {list(where)}"
         )
-    return implied
 
 
-def validate_bandwidth_id(value: np.ndarray, tensor: str = "bandwidth_id") -> int:
+def validate_bandwidth_id(value: np.ndarray, tensor: str = Tensor.BANDWIDTH_ID) -> int:
     """A bandwidth id in 0..3 (the index into :data:`BANDWIDTHS`)."""
     flat = np.asarray(value).reshape(-1)
     if flat.size != 1:
@@ -182,17 +261,3 @@ def validate_bandwidth_id(value: np.ndarray, tensor: str = "bandwidth_id") -> in
     if not 0 <= index < len(BANDWIDTHS):
         raise InvalidInput(tensor, f"expected an id in 0..{len(BANDWIDTHS) - 1}, got {index}")
     return index
-
-
-def scalar_bandwidth(value: np.ndarray, tensor: str = "bandwidth") -> float:
-    """The single kbps value of a ``bandwidth`` tensor of shape (1,), validated."""
-    flat = np.asarray(value, dtype=np.float64).reshape(-1)
-    if flat.size != 1:
-        raise InvalidInput(tensor, f"expected one value in kbps, got {flat.size} values")
-    bandwidth_id(float(flat[0]), tensor)
-    return float(flat[0])
-
-
-def max_samples(max_seconds: float) -> int:
-    return int(round(max_seconds * SAMPLE_RATE))
-

@@ -20,13 +20,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..allocator import MemoryReleaser
-from ..contract import DEFAULT_MAX_SECONDS, InvalidInput
+from ..contract import DEFAULT_MAX_SECONDS, InvalidInput, Limits
+from .allocator import MemoryReleaser
 
 log = logging.getLogger("vocos_triton.serving")
 
-#: what :meth:`RaggedBatchModel.parse_row` returns: (cost in frames, the validated row's data)
-Row = Tuple[int, Dict[str, Any]]
+#: one item's output tensors, by name, without the batch dimension
+Outputs = Dict[str, np.ndarray]
+#: what :meth:`RaggedBatchModel.parse_row` returns: (cost in frames, the validated row, a model's own dataclass)
+Row = Tuple[int, Any]
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Item:
     request: int
     row: int
     cost: int
-    data: Dict[str, Any]
+    data: Any  # the model's row dataclass
 
 
 def plan_batches(items: Sequence[Item], max_padded_frames: int, overhead_frames: int = 64) -> List[List[Item]]:
@@ -94,7 +96,7 @@ class RaggedBatchModel:
         self.output_dtypes = {
             t["name"]: self.pb.triton_string_to_numpy(t["data_type"]) for t in self.model_config["output"]
         }
-        self.max_seconds = self.float_parameter("max_seconds", DEFAULT_MAX_SECONDS)
+        self.limits = Limits(self.float_parameter("max_seconds", DEFAULT_MAX_SECONDS))
         self.max_padded_frames = int(self.float_parameter("max_padded_frames", 16384))
         self.batch_overhead_frames = int(self.float_parameter("batch_overhead_frames", 64))
         # Asking whether a request was cancelled is an IPC round trip to tritonserver (about 0.1 ms):
@@ -110,10 +112,20 @@ class RaggedBatchModel:
 
     def execute(self, requests: List[Any]) -> List[Any]:
         responses: List[Optional[Any]] = [None] * len(requests)
+        items, rows_per_request = self.collect(requests, responses)
+        results = self.run_planned(items, responses)
+        self.memory_releaser.after()
+        self.respond(rows_per_request, results, responses)
+        return responses
+
+    def collect(self, requests: List[Any], responses: List[Optional[Any]]) -> Tuple[List[Item], Dict[int, int]]:
+        """Validate every request; a bad one gets its error response now. Returns the valid rows as
+        items and the row count of each valid request."""
         rows_per_request: Dict[int, int] = {}
         items: List[Item] = []
         for r, request in enumerate(requests):
-            if self.skip_cancelled and request.is_cancelled():  # its client gave up while it queued: do not spend the cores on it
+            # a request whose client gave up while it queued must not spend the cores
+            if self.skip_cancelled and request.is_cancelled():
                 responses[r] = self.error_response(f"{self.name}: request cancelled", self.pb.TritonError.CANCELLED)
                 log.warning("%s: skipped a request cancelled by its client", self.name)
                 continue
@@ -131,8 +143,12 @@ class RaggedBatchModel:
                 continue
             rows_per_request[r] = len(rows)
             items.extend(Item(r, i, cost, data) for i, (cost, data) in enumerate(rows))
+        return items, rows_per_request
 
-        results: Dict[int, Dict[int, Dict[str, np.ndarray]]] = {r: {} for r in rows_per_request}
+    def run_planned(self, items: List[Item], responses: List[Optional[Any]]) -> Dict[int, Dict[int, Outputs]]:
+        """Run the items in planned padded batches; returns outputs by request and row. A failed
+        forward fails the requests of its batch (``INTERNAL``) and no others."""
+        results: Dict[int, Dict[int, Outputs]] = {}
         for batch in plan_batches(items, self.max_padded_frames, self.batch_overhead_frames):
             live = [it for it in batch if responses[it.request] is None]
             if not live:
@@ -146,9 +162,12 @@ class RaggedBatchModel:
                         f"{self.name}: inference failed: {type(exc).__name__}: {exc}", self.pb.TritonError.INTERNAL)
                 continue
             for it, out in zip(live, outputs):
-                results[it.request][it.row] = out
-        self.memory_releaser.after()
+                results.setdefault(it.request, {})[it.row] = out
+        return results
 
+    def respond(self, rows_per_request: Dict[int, int], results: Dict[int, Dict[int, Outputs]],
+                responses: List[Optional[Any]]) -> None:
+        """One response per request that has no error yet: its rows' outputs stacked on the batch axis."""
         for r, count in rows_per_request.items():
             if responses[r] is None:
                 rows = [results[r][i] for i in range(count)]
@@ -157,7 +176,6 @@ class RaggedBatchModel:
                     for name, dtype in self.output_dtypes.items()
                 ]
                 responses[r] = self.pb.InferenceResponse(output_tensors=tensors)
-        return responses
 
     def finalize(self) -> None:
         """Drop what :meth:`load_artifact` loaded (override)."""
@@ -186,7 +204,7 @@ class RaggedBatchModel:
     def error_response(self, message: str, code: int) -> Any:
         return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
 
-    def run_batch(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
+    def run_batch(self, items: List[Any]) -> List[Outputs]:
         """Run :meth:`infer` on one padded batch (a subclass may wrap it, e.g. in inference mode)."""
         return self.infer(items)
 
@@ -202,12 +220,12 @@ class RaggedBatchModel:
         """Run the module once or twice so the first request does not pay TorchScript's profiling."""
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
-        """Validate one row (arrays without the batch dimension); return (cost in frames, data)."""
+        """Validate one row (arrays without the batch dimension); return (cost in frames, the row)."""
         raise NotImplementedError
 
     def check_request(self, rows: List[Row]) -> None:
         """Reject a request whose rows cannot form one output tensor (override where that can happen)."""
 
-    def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
+    def infer(self, items: List[Any]) -> List[Outputs]:
         """Run one padded batch; return each item's outputs (without the batch dimension)."""
         raise NotImplementedError

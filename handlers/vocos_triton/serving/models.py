@@ -7,121 +7,128 @@ Limits come from the model's ``parameters`` in config.pbtxt: ``max_seconds`` (de
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 
 from .. import contract as c
-from .base import Row, pad_stack
+from ..contract import Tensor
+from .base import Outputs, Row, pad_stack
 from .torchscript import TorchScriptModel
 
-#: reflect padding of n_fft // 2 = 512 needs more samples than that (torch.stft, vocos 0.1.0)
-MEL_MIN_SAMPLES = 513
+
+@dataclass(frozen=True)
+class AudioRow:
+    audio: np.ndarray  # (L,) float32
 
 
-def _lengths(items: List[Dict[str, Any]], key: str) -> torch.Tensor:
-    return torch.tensor([item[key].shape[-1] for item in items], dtype=torch.long)
+@dataclass(frozen=True)
+class EncoderRow:
+    audio: np.ndarray  # (L,) float32
+    bandwidth: c.Bandwidth
+
+
+@dataclass(frozen=True)
+class MelRow:
+    mel: np.ndarray  # (100, T) float32
+
+
+@dataclass(frozen=True)
+class FeaturesRow:
+    features: np.ndarray  # (128, T) float32
+    bandwidth_id: int
+
+
+def lengths(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """(B,) int64 lengths of the last axis."""
+    return torch.tensor([a.shape[-1] for a in arrays], dtype=torch.long)
 
 
 class MelFeaturesModel(TorchScriptModel):
     """audio (L,) -> mel (100, 1 + L // 256)."""
 
-    def configure(self) -> None:
-        self.max_samples = c.max_samples(self.max_seconds)
-
     def warm_up(self) -> None:
         for _ in range(2):
-            self.infer([{"audio": np.zeros(c.SAMPLE_RATE, np.float32)}])
+            self.infer([AudioRow(np.zeros(c.SAMPLE_RATE, np.float32))])
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
-        audio = row["audio"]
-        c.validate_audio(audio, MEL_MIN_SAMPLES, self.max_samples)
-        return c.mel_frames(audio.shape[0]), {"audio": audio}
+        audio = row[Tensor.AUDIO]
+        c.validate_audio(audio, c.MEL_MIN_SAMPLES, self.limits.max_samples)
+        return c.mel_frames(audio.shape[0]), AudioRow(audio)
 
-    def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
-        lengths = _lengths(items, "audio")
-        mel = self.module(self.tensor(pad_stack([it["audio"] for it in items])), lengths.to(self.device)).cpu().numpy()
-        return [{"mel": mel[i, :, : c.mel_frames(int(n))]} for i, n in enumerate(lengths)]
+    def infer(self, items: List[AudioRow]) -> List[Outputs]:
+        audio = [it.audio for it in items]
+        samples = lengths(audio)
+        mel = self.module(self.tensor(pad_stack(audio)), samples.to(self.device)).cpu().numpy()
+        return [{Tensor.MEL: mel[i, :, : c.mel_frames(int(n))]} for i, n in enumerate(samples)]
 
 
 class VocosMelModel(TorchScriptModel):
     """mel (100, T), T >= 2 -> waveform ((T - 1) * 256,)."""
 
-    min_frames = 2
-
-    def configure(self) -> None:
-        self.max_frames = c.mel_frames(c.max_samples(self.max_seconds))
-
     def warm_up(self) -> None:
         for _ in range(2):
-            self.infer([{"mel": np.zeros((c.MEL_BINS, 94), np.float32)}])
+            self.infer([MelRow(np.zeros((c.MEL_BINS, 94), np.float32))])
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
-        mel = row["mel"]
-        c.validate_mel(mel, self.min_frames, self.max_frames)
-        return mel.shape[1], {"mel": mel}
+        mel = row[Tensor.MEL]
+        c.validate_mel(mel, c.MEL_MIN_FRAMES, self.limits.max_mel_frames)
+        return mel.shape[1], MelRow(mel)
 
-    def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
-        frames = _lengths(items, "mel").to(self.device)
+    def infer(self, items: List[MelRow]) -> List[Outputs]:
+        mels = [it.mel for it in items]
+        frames = lengths(mels).to(self.device)
         condition = torch.zeros_like(frames)
-        waveform = self.module(self.tensor(pad_stack([it["mel"] for it in items])), frames, condition).cpu().numpy()
-        return [{"waveform": waveform[i, : c.mel_waveform_samples(int(n))]} for i, n in enumerate(frames)]
+        waveform = self.module(self.tensor(pad_stack(mels)), frames, condition).cpu().numpy()
+        return [{Tensor.WAVEFORM: waveform[i, : c.mel_waveform_samples(int(n))]} for i, n in enumerate(frames)]
 
 
 class EncodecEncoderModel(TorchScriptModel):
     """audio (L,), bandwidth (1,) kbps -> codes (K, ceil(L / 320)), K = 2/4/8/16."""
 
-    min_samples = 1
-
-    def configure(self) -> None:
-        self.max_samples = c.max_samples(self.max_seconds)
-
     def warm_up(self) -> None:
-        self.infer([{"audio": np.zeros(c.SAMPLE_RATE, np.float32), "codebooks": 16}])
+        self.infer([EncoderRow(np.zeros(c.SAMPLE_RATE, np.float32), c.Bandwidth.from_index(len(c.BANDWIDTHS) - 1))])
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
-        audio = row["audio"]
-        codebooks = c.codebooks_for_bandwidth(c.scalar_bandwidth(row["bandwidth"]))
-        c.validate_audio(audio, self.min_samples, self.max_samples)
-        return c.encodec_frames(audio.shape[0]), {"audio": audio, "codebooks": codebooks}
+        audio = row[Tensor.AUDIO]
+        bandwidth = c.Bandwidth.parse(row[Tensor.BANDWIDTH])
+        c.validate_audio(audio, c.ENCODEC_MIN_SAMPLES, self.limits.max_samples)
+        return c.encodec_frames(audio.shape[0]), EncoderRow(audio, bandwidth)
 
     def check_request(self, rows: List[Row]) -> None:
-        if len({data["codebooks"] for _, data in rows}) > 1:
-            raise c.InvalidInput("bandwidth", "expected one bandwidth for all rows of a request (codes share K)")
+        if len({row.bandwidth for _, row in rows}) > 1:
+            raise c.InvalidInput(Tensor.BANDWIDTH, "expected one bandwidth for all rows of a request (codes share K)")
 
-    def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
-        lengths = _lengths(items, "audio")
-        codebooks = torch.tensor([it["codebooks"] for it in items], dtype=torch.long)
+    def infer(self, items: List[EncoderRow]) -> List[Outputs]:
+        audio = [it.audio for it in items]
+        samples = lengths(audio)
+        codebooks = torch.tensor([it.bandwidth.codebooks for it in items], dtype=torch.long)
         codes = self.module(
-            self.tensor(pad_stack([it["audio"] for it in items])), lengths.to(self.device), codebooks.to(self.device)
+            self.tensor(pad_stack(audio)), samples.to(self.device), codebooks.to(self.device)
         ).cpu().numpy()
         return [
-            {"codes": codes[i, : it["codebooks"], : c.encodec_frames(int(n))]}
-            for i, (it, n) in enumerate(zip(items, lengths))
+            {Tensor.CODES: codes[i, : it.bandwidth.codebooks, : c.encodec_frames(int(n))]}
+            for i, (it, n) in enumerate(zip(items, samples))
         ]
 
 
 class VocosEncodecModel(TorchScriptModel):
     """features (128, T), bandwidth_id (1,) -> waveform (T * 320,)."""
 
-    min_frames = 1
-
-    def configure(self) -> None:
-        self.max_frames = c.encodec_frames(c.max_samples(self.max_seconds))
-
     def warm_up(self) -> None:
         for _ in range(2):
-            self.infer([{"features": np.zeros((c.FEATURE_DIM, 75), np.float32), "bandwidth_id": 2}])
+            self.infer([FeaturesRow(np.zeros((c.FEATURE_DIM, 75), np.float32), 2)])
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
-        features = row["features"]
-        c.validate_features(features, self.min_frames, self.max_frames)
-        return features.shape[1], {"features": features, "bandwidth_id": c.validate_bandwidth_id(row["bandwidth_id"])}
+        features = row[Tensor.FEATURES]
+        c.validate_features(features, c.FEATURES_MIN_FRAMES, self.limits.max_code_frames)
+        return features.shape[1], FeaturesRow(features, c.validate_bandwidth_id(row[Tensor.BANDWIDTH_ID]))
 
-    def infer(self, items: List[Dict[str, Any]]) -> List[Dict[str, np.ndarray]]:
-        frames = _lengths(items, "features").to(self.device)
-        condition = torch.tensor([it["bandwidth_id"] for it in items], dtype=torch.long, device=self.device)
-        waveform = self.module(self.tensor(pad_stack([it["features"] for it in items])), frames, condition)
-        waveform = waveform.cpu().numpy()
-        return [{"waveform": waveform[i, : c.encodec_waveform_samples(int(n))]} for i, n in enumerate(frames)]
+    def infer(self, items: List[FeaturesRow]) -> List[Outputs]:
+        features = [it.features for it in items]
+        frames = lengths(features).to(self.device)
+        condition = torch.tensor([it.bandwidth_id for it in items], dtype=torch.long, device=self.device)
+        waveform = self.module(self.tensor(pad_stack(features)), frames, condition).cpu().numpy()
+        return [{Tensor.WAVEFORM: waveform[i, : c.encodec_waveform_samples(int(n))]} for i, n in enumerate(frames)]

@@ -6,7 +6,7 @@ weights. ``encodec``'s ``pretrained=False`` model has all-zero codebooks (its k-
 which would make every code 0 and every EnCodec test pass trivially; here each codebook is seeded
 from the random encoder's own residuals on a synthetic signal, as k-means init would do.
 
-Command line: ``python -m vocos_triton.random_checkpoints OUT_DIR`` writes
+Command line: ``python -m vocos_triton.build.random_checkpoints OUT_DIR`` writes
 ``OUT_DIR/vocos-mel-24khz/``, ``OUT_DIR/vocos-encodec-24khz/`` and ``OUT_DIR/encodec_24khz-random.th``.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Dict
 
 import torch
 
+from ..contract import Model
 from .checkpoints import CONFIG_FILE, WEIGHTS_FILE
 
 # The config.yaml files of the hub repositories, verbatim.
@@ -170,8 +171,8 @@ def write_all(root: Path, seed: int = 0) -> Dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     encodec = write_random_encodec(root / RANDOM_ENCODEC_NAME, seed)
     paths = {
-        "vocos_mel": write_random_vocos_mel(root / "vocos-mel-24khz", seed),
-        "vocos_encodec": write_random_vocos_encodec(root / "vocos-encodec-24khz", encodec, seed),
+        Model.VOCOS_MEL: write_random_vocos_mel(root / "vocos-mel-24khz", seed),
+        Model.VOCOS_ENCODEC: write_random_vocos_encodec(root / "vocos-encodec-24khz", encodec, seed),
         "encodec": encodec,
     }
     (root / README_NAME).write_text(WARNING + "\n")

@@ -3,7 +3,7 @@
 No Docker, and site-packages stays untouched: the Python backend folder Triton wants (backend
 library, ``triton_python_backend_utils.py`` and the stub for this Python version side by side) is
 assembled from symlinks in a build folder. The stubs embed the first ``python3`` on ``PATH``, so the
-serving runtime's ``bin`` goes first (see :mod:`vocos_triton.runtime`): ``model.py`` then imports our
+serving runtime's ``bin`` goes first (see :mod:`vocos_triton.launcher.runtime`): ``model.py`` then imports our
 package from there.
 
 Command line (``make serve``)::
@@ -22,22 +22,19 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Dict, List, Optional, Sequence
 
-from .memory import process_tree, stub_model
+from ..paths import DEFAULT_BUILD_DIR, DEFAULT_REPOSITORY
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
+from .watchdog import StubWatchdog
 
-log = logging.getLogger("vocos_triton.server")
+log = logging.getLogger("vocos_triton.launcher.server")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
-DEFAULT_BUILD_DIR = PROJECT_ROOT / "build" / "triton"
 PROFILES = {"cpu": None, "gpu": "gpu"}  # profile -> --model-config-name (configs/<name>.pbtxt)
 
 
@@ -54,7 +51,7 @@ class TritonDistribution:
     backend_files: Sequence[Path]
 
     @classmethod
-    def find(cls, python_version: Optional[str] = None) -> "TritonDistribution":
+    def find(cls, python_version: Optional[str] = None) -> TritonDistribution:
         """The wheel's files, with the stub built for ``python_version`` ("3.11"; default: this Python)."""
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
@@ -126,76 +123,6 @@ def random_weight_models(repository: Path) -> List[str]:
     return flagged
 
 
-def _is_running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (tritonserver does not reap dead stubs)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def python_stubs(server_pid: int) -> Dict[int, str]:
-    """pid -> model name of every live Python-backend stub under ``server_pid``."""
-    stubs = {}
-    for pid in process_tree(server_pid):
-        model = stub_model(pid)
-        if model is not None and _is_running(pid):
-            stubs[pid] = model
-    return stubs
-
-
-class StubWatchdog(threading.Thread):
-    """Restores a model whose Python-backend stub process died.
-
-    tritonserver 2.51 never restarts a dead stub: the model stays READY and fails every request
-    ("Stub process ... is not healthy") for ever. The watchdog polls the stubs' processes and, when one
-    is gone, unloads and loads its model through the repository API (the server runs in explicit
-    model-control mode), which starts a new stub in a few seconds. Meanwhile requests fail in ways the
-    client SDK retries.
-    """
-
-    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.5) -> None:
-        super().__init__(name="stub-watchdog", daemon=True)
-        self.server_pid = server_pid
-        self.http_url = http_url
-        self.interval_s = interval_s
-        self.restarts: List[Tuple[str, float]] = []  # (model, seconds from noticing to loaded)
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def _repository_call(self, model: str, action: str) -> None:
-        request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
-                                         method="POST", headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=300) as response:
-            response.read()
-
-    def restore(self, model: str) -> None:
-        started = time.monotonic()
-        log.warning("stub of model %r died; reloading it", model)
-        try:
-            self._repository_call(model, "unload")
-            self._repository_call(model, "load")
-        except (urllib.error.URLError, OSError) as exc:
-            log.error("could not reload model %r: %s", model, exc)
-            return
-        elapsed = time.monotonic() - started
-        self.restarts.append((model, elapsed))
-        log.warning("model %r reloaded in %.1f s", model, elapsed)
-
-    def run(self) -> None:
-        known = python_stubs(self.server_pid)
-        while not self._stop_event.wait(self.interval_s):
-            if not _is_running(self.server_pid):
-                return
-            dead_models = sorted({model for pid, model in known.items() if not _is_running(pid)})
-            for model in dead_models:
-                self.restore(model)
-            known = python_stubs(self.server_pid)
-
-
 @dataclass
 class ServerOptions:
     model_repository: Path = DEFAULT_REPOSITORY
@@ -204,7 +131,7 @@ class ServerOptions:
     http_port: int = 8000
     metrics_port: int = 8002
     profile: str = "cpu"
-    build_dir: Path = DEFAULT_BUILD_DIR
+    build_dir: Path = DEFAULT_BUILD_DIR / "triton"
     exit_timeout_s: int = 30
     log_verbose: int = 0
     watchdog: bool = True  # reload models whose stub process died
@@ -264,7 +191,7 @@ class TritonServer:
             p for p in [str(distribution.library_dir), env.get("LD_LIBRARY_PATH", "")] if p)
         return env
 
-    def start(self, ready_timeout_s: float = 180.0) -> "TritonServer":
+    def start(self, ready_timeout_s: float = 180.0) -> TritonServer:
         o = self.options
         if o.profile not in PROFILES:
             raise LaunchError(f"unknown profile {o.profile!r}; expected one of {sorted(PROFILES)}")
@@ -342,7 +269,7 @@ class TritonServer:
             self._log_handle = None
         return code
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc: object) -> None:
@@ -375,11 +302,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
+    parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR / "triton")
     parser.add_argument("--exit-timeout", type=int, default=30)
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--runtime-python", type=Path, default=default_runtime_python(),
-                        help="python of the environment the stubs embed (default: $VOCOS_RUNTIME_PYTHON, else this one)")
+                        help="python of the environment the stubs embed "
+                             "(default: $VOCOS_RUNTIME_PYTHON, else this one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = TritonServer(ServerOptions(

@@ -1,7 +1,7 @@
 """Build the model repository: checkpoints -> verified artifacts + provenance.
 
 For every Python-backend model of the contract this writes ``<repo>/<model>/1/model.pt`` (TorchScript;
-``codebooks.npy`` for ``encodec_embedding``, which runs in numpy, see :mod:`vocos_triton.codebooks`)
+``codebooks.npy`` for ``encodec_embedding``, which runs in numpy, see :mod:`vocos_triton.serving.codebooks`)
 and ``<repo>/<model>/1/provenance.json``. Before writing, each module is checked twice on a ragged
 batch of probe lengths: the eager module against the reference packages (``vocos`` / ``encodec``),
 and the TorchScript module against the eager one; the codebook table against the reference alone.
@@ -9,7 +9,7 @@ An artifact that disagrees is not written.
 
 Command line (``make repository``)::
 
-    python -m vocos_triton.export --output model_repository \\
+    python -m vocos_triton.build.export --output model_repository \\
         [--mel SRC] [--encodec SRC] [--encodec-checkpoint PATH] [--random-weights DIR]
 """
 from __future__ import annotations
@@ -20,25 +20,26 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import checkpoints as ck
-from .codebooks import TABLE_FILE, CodebookTable
-from .contract import BANDWIDTHS, CODEBOOKS
-from .encoder import EncodecEncoder
-from .features import MelFeatures
-from .quantized import fidelity, quantize_vocoder, set_quantized_engine
+from ..serving.codebooks import TABLE_FILE, CodebookTable
+from ..contract import BANDWIDTHS, CODEBOOKS, Model
+from ..modules.encoder import EncodecEncoder
+from ..modules.features import MelFeatures
+from ..paths import DEFAULT_REPOSITORY, template_repository
+from .quantize import fidelity, quantize_vocoder, set_quantized_engine
 from .random_checkpoints import WARNING as RANDOM_WARNING
 from .random_checkpoints import synthetic_voice, write_all
-from .serving.torchscript import ARTIFACT  # the file the serving models load
-from .vocoder import BatchedVocos
+from ..serving.torchscript import ARTIFACT  # the file the serving models load
+from ..modules.vocoder import BatchedVocos
 
-log = logging.getLogger("vocos_triton.export")
+log = logging.getLogger("vocos_triton.build.export")
 
 PROVENANCE = "provenance.json"
 REFERENCE_TOLERANCE = 1e-4  # eager module vs the reference packages, per item
@@ -46,7 +47,8 @@ SCRIPT_TOLERANCE = 1e-5  # TorchScript artifact vs the eager module
 PROBE_SAMPLES = (513, 7_777, 24_000, 50_001)  # minimum mel length, odd lengths, 1 s, ~2 s
 PRECISIONS = ("fp32", "int8")
 INT8_MIN_SNR_DB = 25.0  # the opt-in int8 vocoders measure about 30-33 dB against fp32 on speech
-TEMPLATE_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+#: the models whose artifact ``--precision int8`` replaces
+VOCODERS = (Model.VOCOS_MEL, Model.VOCOS_ENCODEC)
 
 
 class ParityError(RuntimeError):
@@ -78,73 +80,105 @@ class Probe:
 
 @dataclass
 class Artifact:
+    """One model's artifact: it checks itself against its probe and writes itself into a version folder."""
+
     name: str
-    module: Union[torch.nn.Module, CodebookTable]
     probe: Probe
     sources: Dict[str, object]
-    #: None: must equal the reference to REFERENCE_TOLERANCE; else the least SNR (dB) an approximation needs
-    min_snr_db: Optional[float] = None
     precision: str = "fp32"
 
+    def save_verified(self, version_dir: Path, freeze: bool) -> Tuple[Path, Dict[str, object]]:
+        """Verify, then write the artifact file; returns its path and the parity figures.
+        Raises :class:`ParityError` (and writes nothing) when it disagrees with the reference."""
+        raise NotImplementedError
 
-def quantized(artifact: Artifact) -> Artifact:
-    """The opt-in int8 version of a vocoder artifact (see :mod:`vocos_triton.quantized`)."""
-    set_quantized_engine()
-    return Artifact(artifact.name, quantize_vocoder(artifact.module), artifact.probe, artifact.sources,
-                    min_snr_db=INT8_MIN_SNR_DB, precision="int8")
+
+@dataclass
+class ModuleArtifact(Artifact):
+    """A torch module, saved as TorchScript (``model.pt``)."""
+
+    module: torch.nn.Module = None  # type: ignore[assignment]
+    #: None: must equal the reference to REFERENCE_TOLERANCE; else the least SNR (dB) an approximation needs
+    min_snr_db: Optional[float] = None
+
+    def quantized(self) -> "ModuleArtifact":
+        """The opt-in int8 version of a vocoder artifact (see :mod:`vocos_triton.build.quantize`)."""
+        set_quantized_engine()
+        return replace(self, module=quantize_vocoder(self.module), min_snr_db=INT8_MIN_SNR_DB, precision="int8")
+
+    def save_verified(self, version_dir: Path, freeze: bool) -> Tuple[Path, Dict[str, object]]:
+        scripted, parity = script_and_verify(self, freeze=freeze)
+        path = version_dir / ARTIFACT
+        torch.jit.save(scripted, str(path))
+        return path, {**parity, "frozen": freeze}
+
+
+@dataclass
+class TableArtifact(Artifact):
+    """The numpy codebook table of ``encodec_embedding`` (``codebooks.npy``)."""
+
+    table: CodebookTable = None  # type: ignore[assignment]
+
+    def save_verified(self, version_dir: Path, freeze: bool) -> Tuple[Path, Dict[str, object]]:
+        error = max(float(np.abs(self.table.features(codes.numpy()) - expected.numpy()).max())
+                    for codes, expected in zip(self.probe.inputs, self.probe.expected))
+        if error > REFERENCE_TOLERANCE:
+            raise ParityError(f"{self.name}: the codebook table differs from the reference by {error:.3g}")
+        path = version_dir / TABLE_FILE
+        self.table.save(path)
+        return path, {"max_abs_error_vs_reference": error, "probe_items": len(self.probe.expected)}
 
 
 def _max_error(outputs: torch.Tensor, probe: Probe) -> float:
     return max(float((probe.cut(outputs, i).double() - e.double()).abs().max()) for i, e in enumerate(probe.expected))
 
 
-def _probe_audio() -> List[torch.Tensor]:
+def probe_audio() -> List[torch.Tensor]:
     voice = synthetic_voice(seconds=3.0, seed=7)
     return [voice[:n] for n in PROBE_SAMPLES]
 
 
-def _references(
-    mel: Optional[ck.VocosCheckpoint], vocos_encodec: Optional[ck.VocosCheckpoint], encodec: Optional[ck.EncodecCheckpoint]
-) -> List[Artifact]:
-    """The five artifacts with their probes (reference outputs computed by the reference packages)."""
-    artifacts: List[Artifact] = []
-    audio = _probe_audio()
+def mel_artifacts(mel: ck.VocosCheckpoint, audio: List[torch.Tensor]) -> List[Artifact]:
+    """``mel_features`` and ``vocos_mel``, probed with the reference ``vocos`` on ``audio``."""
+    reference = ck.build_reference_vocos(mel)
+    sources = ck.describe_sources(mel)
     lengths = torch.tensor([a.shape[-1] for a in audio])
-    with torch.inference_mode():
-        if mel is not None:
-            reference = ck.build_reference_vocos(mel)
-            sources = ck.describe_sources(mel)
-            mels = [reference.feature_extractor(a[None])[0] for a in audio]
-            frames = torch.tensor([m.shape[-1] for m in mels])
-            artifacts.append(Artifact(
-                "mel_features", MelFeatures(reference.feature_extractor),
-                Probe((pad_batch(audio), lengths), mels), sources))
-            waves = [reference.decode(m[None])[0] for m in mels]
-            artifacts.append(Artifact(
-                "vocos_mel", BatchedVocos(reference),
-                Probe((pad_batch(mels), frames, torch.zeros_like(frames)), waves), sources))
-        if vocos_encodec is not None and encodec is not None:
-            reference = ck.build_reference_vocos(vocos_encodec, encodec)
-            sources = ck.describe_sources(vocos_encodec, encodec)
-            extractor = reference.feature_extractor
-            bandwidth_ids = torch.arange(len(audio)) % len(BANDWIDTHS)
-            num_codebooks = torch.tensor([CODEBOOKS[int(b)] for b in bandwidth_ids])
-            codes = []
-            for a, b in zip(audio, bandwidth_ids):
-                extractor.encodec.set_target_bandwidth(BANDWIDTHS[int(b)])
-                codes.append(extractor.get_encodec_codes(a[None])[:, 0])  # (K, T)
-            artifacts.append(Artifact(
-                "encodec_encoder", EncodecEncoder(extractor.encodec),
-                Probe((pad_batch(audio), lengths, num_codebooks), codes), sources))
-            features = [reference.codes_to_features(c)[0] for c in codes]
-            table = CodebookTable(extractor.codebook_weights.detach().cpu().numpy(), extractor.encodec.quantizer.bins)
-            artifacts.append(Artifact("encodec_embedding", table, Probe(tuple(codes), features), sources))
-            waves = [reference.decode(f[None], bandwidth_id=b.view(1))[0] for f, b in zip(features, bandwidth_ids)]
-            frames = torch.tensor([f.shape[-1] for f in features])
-            artifacts.append(Artifact(
-                "vocos_encodec", BatchedVocos(reference),
-                Probe((pad_batch(features), frames, bandwidth_ids), waves), sources))
-    return artifacts
+    mels = [reference.feature_extractor(a[None])[0] for a in audio]
+    frames = torch.tensor([m.shape[-1] for m in mels])
+    waves = [reference.decode(m[None])[0] for m in mels]
+    return [
+        ModuleArtifact(Model.MEL_FEATURES, Probe((pad_batch(audio), lengths), mels), sources,
+                       module=MelFeatures(reference.feature_extractor)),
+        ModuleArtifact(Model.VOCOS_MEL, Probe((pad_batch(mels), frames, torch.zeros_like(frames)), waves), sources,
+                       module=BatchedVocos(reference)),
+    ]
+
+
+def encodec_artifacts(vocos_encodec: ck.VocosCheckpoint, encodec: ck.EncodecCheckpoint,
+                      audio: List[torch.Tensor]) -> List[Artifact]:
+    """``encodec_encoder``, ``encodec_embedding`` and ``vocos_encodec``, probed with ``vocos`` + ``encodec``
+    on ``audio`` (item i at bandwidth i mod 4)."""
+    reference = ck.build_reference_vocos(vocos_encodec, encodec)
+    sources = ck.describe_sources(vocos_encodec, encodec)
+    extractor = reference.feature_extractor
+    lengths = torch.tensor([a.shape[-1] for a in audio])
+    bandwidth_ids = torch.arange(len(audio)) % len(BANDWIDTHS)
+    num_codebooks = torch.tensor([CODEBOOKS[int(b)] for b in bandwidth_ids])
+    codes = []
+    for a, b in zip(audio, bandwidth_ids):
+        extractor.encodec.set_target_bandwidth(BANDWIDTHS[int(b)])
+        codes.append(extractor.get_encodec_codes(a[None])[:, 0])  # (K, T)
+    features = [reference.codes_to_features(c)[0] for c in codes]
+    waves = [reference.decode(f[None], bandwidth_id=b.view(1))[0] for f, b in zip(features, bandwidth_ids)]
+    frames = torch.tensor([f.shape[-1] for f in features])
+    table = CodebookTable(extractor.codebook_weights.detach().cpu().numpy(), extractor.encodec.quantizer.bins)
+    return [
+        ModuleArtifact(Model.ENCODEC_ENCODER, Probe((pad_batch(audio), lengths, num_codebooks), codes), sources,
+                       module=EncodecEncoder(extractor.encodec)),
+        TableArtifact(Model.ENCODEC_EMBEDDING, Probe(tuple(codes), features), sources, table=table),
+        ModuleArtifact(Model.VOCOS_ENCODEC, Probe((pad_batch(features), frames, bandwidth_ids), waves), sources,
+                       module=BatchedVocos(reference)),
+    ]
 
 
 def _snr_db(outputs: torch.Tensor, probe: Probe) -> float:
@@ -152,7 +186,7 @@ def _snr_db(outputs: torch.Tensor, probe: Probe) -> float:
     return min(fidelity(e, probe.cut(outputs, i))["snr_db"] for i, e in enumerate(probe.expected))
 
 
-def script_and_verify(artifact: Artifact, freeze: bool = True) -> Tuple[torch.jit.ScriptModule, Dict[str, float]]:
+def script_and_verify(artifact: ModuleArtifact, freeze: bool = True) -> Tuple[torch.jit.ScriptModule, Dict[str, float]]:
     """TorchScript ``artifact.module`` and check eager-vs-reference and script-vs-eager parity."""
     module = artifact.module.eval()
     with torch.inference_mode():
@@ -184,17 +218,9 @@ def script_and_verify(artifact: Artifact, freeze: bool = True) -> Tuple[torch.ji
     }
 
 
-def verify_table(artifact: Artifact) -> Dict[str, float]:
-    """Check the numpy codebook table against the reference's ``codes_to_features``, item by item."""
-    error = max(float(np.abs(artifact.module.features(codes.numpy()) - expected.numpy()).max())
-                for codes, expected in zip(artifact.probe.inputs, artifact.probe.expected))
-    if error > REFERENCE_TOLERANCE:
-        raise ParityError(f"{artifact.name}: the codebook table differs from the reference by {error:.3g}")
-    return {"max_abs_error_vs_reference": error, "probe_items": len(artifact.probe.expected)}
-
-
-def copy_template(output: Path, template: Path = TEMPLATE_REPOSITORY) -> None:
+def copy_template(output: Path, template: Optional[Path] = None) -> None:
     """Copy the committed configs and model.py files into ``output`` (a repository elsewhere)."""
+    template = template or template_repository()
     if output.resolve() == template.resolve():
         return
     shutil.copytree(template, output, dirs_exist_ok=True,
@@ -217,20 +243,20 @@ def build_repository(
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     copy_template(output)
+    audio = probe_audio()
+    artifacts: List[Artifact] = []
+    with torch.inference_mode():
+        if mel is not None:
+            artifacts += mel_artifacts(mel, audio)
+        if vocos_encodec is not None and encodec is not None:
+            artifacts += encodec_artifacts(vocos_encodec, encodec, audio)
     written = {}
-    for artifact in _references(mel, vocos_encodec, encodec):
-        if precision == "int8" and isinstance(artifact.module, BatchedVocos):
-            artifact = quantized(artifact)
+    for artifact in artifacts:
+        if precision == "int8" and artifact.name in VOCODERS:
+            artifact = artifact.quantized()
         version_dir = output / artifact.name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
-        if isinstance(artifact.module, CodebookTable):
-            parity = verify_table(artifact)
-            path = version_dir / TABLE_FILE
-            artifact.module.save(path)
-        else:
-            scripted, parity = script_and_verify(artifact, freeze=freeze)
-            path = version_dir / ARTIFACT
-            torch.jit.save(scripted, str(path))
+        path, parity = artifact.save_verified(version_dir, freeze)
         provenance = {
             "model": artifact.name,
             "random_weights": random_weights,
@@ -238,22 +264,21 @@ def build_repository(
             "sources": artifact.sources,
             "torch_version": torch.__version__,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "frozen": freeze if path.name == ARTIFACT else None,
+            "frozen": parity.pop("frozen", None),
             "precision": artifact.precision,
             "parity": parity,
             "artifact": {"file": path.name, "bytes": path.stat().st_size, "sha256": ck.sha256_of(path)},
         }
         (version_dir / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         written[artifact.name] = provenance
-        log.info("%s: %s, %d bytes, parity vs reference %.2e, script vs eager %s", artifact.name, path.name,
-                 path.stat().st_size, parity["max_abs_error_vs_reference"],
-                 f"{parity['max_abs_error_script_vs_eager']:.2e}" if "max_abs_error_script_vs_eager" in parity else "n/a")
+        log.info("%s: %s, %d bytes, parity vs reference %.2e", artifact.name, path.name, path.stat().st_size,
+                 parity["max_abs_error_vs_reference"])
     return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Build the Vocos Triton model repository from checkpoints.")
-    parser.add_argument("--output", type=Path, default=TEMPLATE_REPOSITORY)
+    parser.add_argument("--output", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--mel", default=ck.MEL_HUB_ID, help="hub id or local dir of the mel Vocos")
     parser.add_argument("--encodec", default=ck.ENCODEC_VOCOS_HUB_ID, help="hub id or local dir of the EnCodec Vocos")
     parser.add_argument("--encodec-checkpoint", default=None,
@@ -271,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.warning("%s\n# %s\n%s", banner, RANDOM_WARNING, banner)
         paths = write_all(args.random_weights)
         mel_source, encodec_source, encodec_checkpoint = (
-            str(paths["vocos_mel"]), str(paths["vocos_encodec"]), str(paths["encodec"]))
+            str(paths[Model.VOCOS_MEL]), str(paths[Model.VOCOS_ENCODEC]), str(paths["encodec"]))
     else:
         mel_source, encodec_source, encodec_checkpoint = args.mel, args.encodec, args.encodec_checkpoint
     try:

@@ -3,7 +3,7 @@
 :class:`MelFeatures` is ``vocos.feature_extractors.MelSpectrogramFeatures`` (torchaudio's centred
 ``MelSpectrogram``, power 1, HTK mel, then ``safe_log``) using the checkpoint's own window and
 filterbank buffers, so serving needs torch but not torchaudio. (The EnCodec front end,
-``Vocos.codes_to_features``, needs no torch at all: :mod:`vocos_triton.codebooks`.)
+``Vocos.codes_to_features``, needs no torch at all: :mod:`vocos_triton.serving.codebooks`.)
 """
 from __future__ import annotations
 

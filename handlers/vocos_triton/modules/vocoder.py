@@ -23,7 +23,8 @@ def _depthwise_weight(conv: nn.Conv1d) -> torch.Tensor:
     return conv.weight.detach()[:, :, None, :].contiguous()
 
 
-def conv_time_major(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
+def conv_time_major(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int,
+                    groups: int) -> torch.Tensor:
     """A 1-D convolution over time on a (B, T, C) tensor, returning (B, T, C') without copies.
 
     (B, T, C) memory is a channels-last (B, C, 1, T) image, for which oneDNN's convolution is about
@@ -188,7 +189,8 @@ class BatchedISTFTHead(nn.Module):
         """(B, T, n_fft) -> (B, (T - 1) * hop + n_fft): ``fold`` as ``overlap`` contiguous slice-adds."""
         batch, num_frames = frames.shape[0], frames.shape[1]
         chunks = frames.reshape(batch, num_frames, self.overlap, self.hop_length)
-        out = torch.zeros(batch, num_frames + self.overlap - 1, self.hop_length, dtype=frames.dtype, device=frames.device)
+        out = torch.zeros(batch, num_frames + self.overlap - 1, self.hop_length, dtype=frames.dtype,
+                          device=frames.device)
         for k in range(self.overlap):
             out[:, k : k + num_frames] += chunks[:, :, k]
         return out.reshape(batch, -1)

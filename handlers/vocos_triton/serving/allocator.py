@@ -33,11 +33,12 @@ MMAP_THRESHOLD_BYTES = 32 * 2**20
 _NEVER_TRIM_BYTES = 2**31 - 1
 
 
-@functools.lru_cache(maxsize=None)  # loaded once per process, by whichever caller comes first
+@functools.cache  # loaded once per process, by whichever caller comes first
 def _glibc() -> Optional[ctypes.CDLL]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim, libc.mallopt  # glibc only: raises AttributeError elsewhere
+        for symbol in ("malloc_trim", "mallopt"):  # glibc only: AttributeError elsewhere
+            getattr(libc, symbol)
         return libc
     except (OSError, AttributeError):
         return None

@@ -2,7 +2,7 @@
 
 The GPU profile is ``<model>/configs/gpu.pbtxt``, selected with tritonserver's
 ``--model-config-name=gpu``. It is the CPU config with its instance groups replaced by KIND_GPU
-ones; nothing else may differ, so it is rendered, never edited: ``python -m vocos_triton.profiles``
+ones; nothing else may differ, so it is rendered, never edited: ``python -m vocos_triton.launcher.profiles``
 rewrites the files and ``--check`` fails if a committed one is stale.
 """
 from __future__ import annotations
@@ -15,23 +15,24 @@ from typing import Dict, List, Optional, Sequence
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .server import DEFAULT_REPOSITORY
+from ..paths import DEFAULT_REPOSITORY
 
-HEADER = "# Generated from ../config.pbtxt by `python -m vocos_triton.profiles`; edit config.pbtxt instead.\n"
+HEADER = "# Generated from ../config.pbtxt by `python -m vocos_triton.launcher.profiles`; edit config.pbtxt instead.\n"
 
 
-def load_config(path: Path) -> "mc.ModelConfig":
+def load_config(path: Path) -> mc.ModelConfig:
     config = mc.ModelConfig()
     text_format.Parse(path.read_text(), config)
     return config
 
 
-def render_gpu(config: "mc.ModelConfig", gpus_per_instance: int = 1) -> str:
+def render_gpu(config: mc.ModelConfig, gpus_per_instance: int = 1) -> str:
     """The GPU profile of a Python-backend model config: one instance on each of the first GPUs."""
     if config.platform == "ensemble":
         raise ValueError(f"{config.name}: ensembles have no instances and need no GPU profile")
     if len(config.instance_group) != 1:
-        raise ValueError(f"{config.name}: expected exactly one instance_group to render, got {len(config.instance_group)}")
+        raise ValueError(
+            f"{config.name}: expected exactly one instance_group to render, got {len(config.instance_group)}")
     gpu = mc.ModelConfig()
     gpu.CopyFrom(config)
     group = gpu.instance_group[0]
@@ -66,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             path.write_text(text)
             print(f"wrote {path}")
     for path in stale:
-        print(f"stale: {path} (run python -m vocos_triton.profiles)", file=sys.stderr)
+        print(f"stale: {path} (run python -m vocos_triton.launcher.profiles)", file=sys.stderr)
     return 1 if stale else 0
 
 

@@ -16,14 +16,10 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .vocoder import BatchedVocos, FusedLinear
+from ..modules.vocoder import BatchedVocos, FusedLinear
+from ..serving.torchscript import set_quantized_engine
 
-
-def set_quantized_engine() -> str:
-    """Use oneDNN for int8 where it exists (fastest here: VNNI); the engine also packs the weights at load."""
-    if "onednn" in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = "onednn"
-    return torch.backends.quantized.engine
+__all__ = ["Int8Linear", "ItemByItem", "fidelity", "quantize_vocoder", "set_quantized_engine"]
 
 
 class Int8Linear(nn.Module):

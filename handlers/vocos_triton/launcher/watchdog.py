@@ -1,0 +1,84 @@
+"""Restores a model whose Python-backend stub process died (tritonserver 2.51 never restarts one)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from .memory import process_tree, stub_model
+
+log = logging.getLogger("vocos_triton.watchdog")
+
+
+def _is_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (tritonserver does not reap dead stubs)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def python_stubs(server_pid: int) -> Dict[int, str]:
+    """pid -> model name of every live Python-backend stub under ``server_pid``."""
+    stubs = {}
+    for pid in process_tree(server_pid):
+        model = stub_model(pid)
+        if model is not None and _is_running(pid):
+            stubs[pid] = model
+    return stubs
+
+
+class StubWatchdog(threading.Thread):
+    """Restores a model whose Python-backend stub process died.
+
+    tritonserver 2.51 never restarts a dead stub: the model stays READY and fails every request
+    ("Stub process ... is not healthy") for ever. The watchdog polls the stubs' processes and, when one
+    is gone, unloads and loads its model through the repository API (the server runs in explicit
+    model-control mode), which starts a new stub in a few seconds. Meanwhile requests fail in ways the
+    client SDK retries.
+    """
+
+    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.5) -> None:
+        super().__init__(name="stub-watchdog", daemon=True)
+        self.server_pid = server_pid
+        self.http_url = http_url
+        self.interval_s = interval_s
+        self.restarts: List[Tuple[str, float]] = []  # (model, seconds from noticing to loaded)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def _repository_call(self, model: str, action: str) -> None:
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            response.read()
+
+    def restore(self, model: str) -> None:
+        started = time.monotonic()
+        log.warning("stub of model %r died; reloading it", model)
+        try:
+            self._repository_call(model, "unload")
+            self._repository_call(model, "load")
+        except (urllib.error.URLError, OSError) as exc:
+            log.error("could not reload model %r: %s", model, exc)
+            return
+        elapsed = time.monotonic() - started
+        self.restarts.append((model, elapsed))
+        log.warning("model %r reloaded in %.1f s", model, elapsed)
+
+    def run(self) -> None:
+        known = python_stubs(self.server_pid)
+        while not self._stop_event.wait(self.interval_s):
+            if not _is_running(self.server_pid):
+                return
+            dead_models = sorted({model for pid, model in known.items() if not _is_running(pid)})
+            for model in dead_models:
+                self.restore(model)
+            known = python_stubs(self.server_pid)

@@ -1,0 +1,65 @@
+"""The package's folders say what may import what, and the contract is spelled in one place."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vocos_triton import contract
+from vocos_triton.launcher.runtime import default_runtime_python
+
+ROOT = Path(__file__).resolve().parents[1]
+STUB_MODULES = sorted({line.split()[1] for path in ROOT.glob("model_repository/*/1/model.py")
+                       for line in path.read_text().splitlines() if line.startswith("from vocos_triton")})
+#: what a stub process must never load: build-time code, the launcher, the reference packages
+FORBIDDEN = ("vocos_triton.build", "vocos_triton.launcher", "vocos", "encodec", "torchaudio")
+
+
+def test_every_model_py_imports_the_serving_package():
+    assert STUB_MODULES and all(name.startswith("vocos_triton.serving.") for name in STUB_MODULES), STUB_MODULES
+
+
+@pytest.mark.parametrize("module", STUB_MODULES)
+def test_serving_stubs_import_neither_export_code_nor_reference_packages(module):
+    """In the serving runtime, as a stub would: import the module, then list what got loaded."""
+    probe = (f"import importlib, json, sys; importlib.import_module({module!r}); "
+             "print(json.dumps(sorted(sys.modules)))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([str(default_runtime_python()), "-c", probe], capture_output=True, text=True, env=env,
+                            timeout=120, check=True)
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    bad = [name for name in loaded if any(name == f or name.startswith(f + ".") for f in FORBIDDEN)]
+    assert not bad, f"{module} loads {bad}"
+
+
+def _contract_names() -> set:
+    models = {v for k, v in vars(contract.Model).items() if k.isupper()}
+    # "audio", "mel", "codes" and "bandwidth" double as the SDK's keyword names and checkpoint variants;
+    # the tensor names that mean nothing else are checked with the model names.
+    return models | {contract.Tensor.WAVEFORM, contract.Tensor.FEATURES, contract.Tensor.BANDWIDTH_ID}
+
+
+def _code_files() -> list:
+    files = [p for folder in ("handlers", "client", "load_tests") for p in (ROOT / folder).rglob("*.py")]
+    return [p for p in files if p.name != "contract.py" or p.parent.name != "vocos_triton"]
+
+
+def test_no_model_or_tensor_name_is_spelled_outside_the_contract():
+    names = _contract_names()
+    found = []
+    for path in _code_files():
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if node.value in names:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    makefile = (ROOT / "Makefile").read_text()
+    found += [f"Makefile: {name}" for name in names if name in makefile]
+    assert not found, "spell these with vocos_triton.contract.Model / Tensor:\n" + "\n".join(found)
