@@ -48,7 +48,7 @@ REFERENCE_TOLERANCE = 1e-4  # eager module vs the reference packages, per item
 SCRIPT_TOLERANCE = 1e-5  # TorchScript artifact vs the eager module
 PROBE_SAMPLES = (513, 7_777, 24_000, 50_001)  # minimum mel length, odd lengths, 1 s, ~2 s
 PRECISIONS = ("fp32", "int8")
-INT8_MIN_SNR_DB = 25.0  # the opt-in int8 vocoders measure about 30-33 dB against fp32 on speech
+INT8_MIN_SNR_DB = 25.0  # a floor below what the opt-in int8 vocoders measure (docs/performance.md)
 #: the models whose artifact ``--precision int8`` replaces
 VOCODERS = (Model.VOCOS_MEL, Model.VOCOS_ENCODEC)
 

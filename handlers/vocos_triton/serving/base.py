@@ -123,7 +123,7 @@ class RaggedBatchModel(TritonModel):
         self.read_config(args)
         self.max_padded_frames = int(self.float_parameter("max_padded_frames", 16384))
         self.batch_overhead_frames = int(self.float_parameter("batch_overhead_frames", 64))
-        # Asking whether a request was cancelled is an IPC round trip to tritonserver (about 0.1 ms):
+        # Asking whether a request was cancelled is an IPC round trip to tritonserver:
         # worth it before a forward of milliseconds, not before a table lookup of microseconds.
         self.skip_cancelled = self.parameters.get("skip_cancelled", "true").strip().lower() != "false"
         # MB of freed heap the stub may keep for its next forwards before it gives memory back (-1: keep all)
