@@ -153,8 +153,10 @@ class StreamingVocos(nn.Module):
         batch, num_frames = x.shape[0], x.shape[1]
         x = self.out(x)
         half = self.n_fft // 2 + 1
-        positions = first[:, None] + torch.arange(num_frames, device=x.device)[None, :]
-        mask = ((positions >= 0) & (positions < ends[:, None])).to(x.dtype)
+        steps = torch.arange(num_frames, device=x.device)[None, :]
+        positions = first[:, None] + steps
+        # padding past a row's own frames must not reach its overlap-add tail
+        mask = ((positions >= 0) & (positions < ends[:, None]) & (steps < lengths[:, None])).to(x.dtype)
         mag = torch.clip(torch.exp(x[:, :, :half]), max=1e2) * mask[:, :, None]
         phase = x[:, :, half:]
         spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))

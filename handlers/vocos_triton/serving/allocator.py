@@ -87,6 +87,14 @@ class MemoryReleaser:
             self._trim(0)
             self.baseline = self._resident()
 
+    def release(self) -> bool:
+        """Give the freed heap back now (after dropping state that will not come back); False if disabled."""
+        if self._trim is None:
+            return False
+        self._trim(0)
+        self.trims += 1
+        return True
+
     def after(self) -> bool:
         if self._trim is None or self._resident() - self.baseline <= self.retain_bytes:
             return False

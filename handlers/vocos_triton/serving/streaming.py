@@ -27,6 +27,7 @@ import torch
 from .. import contract as c
 from ..contract import InvalidInput, Tensor
 from ..modules.streaming import piece_bounds
+from .allocator import MemoryReleaser
 from .base import TritonModel
 from .codebooks import TABLE_FILE, CodebookTable
 from .torchscript import load_torchscript
@@ -83,10 +84,13 @@ class StreamingModel(TritonModel):
             raise ValueError(f"{self.name}: config lookahead_frames is {published}, the artifact's is "
                              f"{self.geometry['lookahead_frames']}; fix config.pbtxt")
         self.load_extra()
+        # MB of freed activations the stub may keep for its next steps (see allocator.py; -1: keep all)
+        self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
         self.sequences: Dict[int, Sequence] = {}
         self.lock = threading.Condition()
         self.running = True
         self.warm_up()
+        self.memory_releaser.settle()
         self.worker = threading.Thread(target=self.run_worker, name=f"{self.name}-worker", daemon=True)
         self.worker.start()
         log.info("%s: loaded %s; lookahead %d frames, pieces of <= %d frames, <= %d open sequences, idle "
@@ -192,7 +196,8 @@ class StreamingModel(TritonModel):
             except Exception:  # its client may be gone: nothing to tell
                 pass
         sequence.chunks.clear()
-        log.info("%s: dropped sequence %d (%s); %d open", self.name, sequence.corrid, why, len(self.sequences))
+        self.pb.Logger.log_info(f"{self.name}: dropped sequence {sequence.corrid} ({why}); "
+                                f"{len(self.sequences)} open")
 
     # -- the worker ----------------------------------------------------------------------------
     def run_worker(self) -> None:
@@ -207,12 +212,15 @@ class StreamingModel(TritonModel):
                 step = self.plan_step()
             if step:
                 self.run_step(step)
+                self.memory_releaser.after()
 
     def drop_idle(self) -> None:
         now = time.monotonic()
-        for sequence in list(self.sequences.values()):
-            if not sequence.chunks and now - sequence.last_active > self.idle_timeout_s:
-                self.drop(sequence, f"idle for more than {self.idle_timeout_s:g} s")
+        idle = [s for s in self.sequences.values() if not s.chunks and now - s.last_active > self.idle_timeout_s]
+        for sequence in idle:
+            self.drop(sequence, f"idle for more than {self.idle_timeout_s:g} s")
+        if idle and not self.sequences:
+            self.memory_releaser.release()  # nothing is streaming: the heap goes back to its size at start
 
     def plan_step(self) -> List[tuple]:
         """Up to ``max_step_sequences`` waiting sequences, longest-waiting first, each with its next piece."""
