@@ -250,8 +250,10 @@ def hf_repositories(hf_dirs, encodec_checkpoint, tmp_path_factory) -> Dict[str, 
     return built
 
 
-def _probe_inputs(reference_mel, reference_encodec) -> Dict[str, tuple]:
-    clips = [speech_clip(n, seed=30 + i) for i, n in enumerate([2_000, 24_001, 7_777])]
+@pytest.fixture(scope="module")
+def probe_inputs(reference_mel, reference_encodec) -> Dict[str, tuple]:
+    """One ragged batch per model (odd lengths, every bandwidth but one) and the reference's own features."""
+    clips = [speech_clip(n, seed=30 + i) for i, n in enumerate([2_000, 9_001, 4_097])]
     audio = pad_batch([torch.from_numpy(c) for c in clips])
     lengths = torch.tensor([c.shape[0] for c in clips])
     mels = [torch.from_numpy(ref.mel_features(reference_mel, c)) for c in clips]
@@ -271,9 +273,8 @@ def _probe_inputs(reference_mel, reference_encodec) -> Dict[str, tuple]:
 
 @pytest.mark.parametrize("name", sorted(HF_REPOS))
 def test_artifacts_from_either_layout_are_identical(repository, hf_repositories, reference_mel, reference_encodec,
-                                                    name):
-    built = hf_repositories[name]
-    inputs = _probe_inputs(reference_mel, reference_encodec)
+                                                    probe_inputs, name):
+    built, inputs = hf_repositories[name], probe_inputs
     for model in (Model.MEL_FEATURES, Model.VOCOS_MEL, Model.ENCODEC_ENCODER, Model.VOCOS_ENCODEC):
         upstream = torch.jit.load(str(repository / model / "1" / ARTIFACT))
         transformers = torch.jit.load(str(built / model / "1" / ARTIFACT))
