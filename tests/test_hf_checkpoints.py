@@ -415,6 +415,11 @@ def test_unknown_layouts(hf_dirs, tmp_path):
                                                  r"expected config.yaml \+ pytorch_model.bin"):
         ck.load_vocos_checkpoint(str(empty))
 
+    both = _copy(hf_dirs["flat", "mel", "safetensors"], tmp_path / "both")
+    (both / "config.yaml").write_text("feature_extractor: {}\n")
+    with pytest.raises(ck.CheckpointError, match=r"holds both config.yaml \(upstream vocos layout\) and config.json"):
+        ck.load_vocos_checkpoint(str(both))
+
     other = _copy(hf_dirs["flat", "mel", "safetensors"], tmp_path)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "encodec"}))
@@ -438,6 +443,14 @@ def test_config_that_upstream_cannot_build_is_refused(hf_dirs, tmp_path):
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "kernel_size": 5}))
     with pytest.raises(ck.CheckpointError, match="kernel_size=5, but upstream vocos .* fixes kernel_size=7"):
+        ck.load_vocos_checkpoint(str(directory))
+
+
+def test_config_json_with_a_value_upstream_cannot_use(hf_dirs, tmp_path):
+    directory = _copy(hf_dirs["flat", "mel", "safetensors"], tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "num_layers": "eight"}))
+    with pytest.raises(ck.CheckpointError, match=r"config.json: upstream vocos cannot build a model from it"):
         ck.load_vocos_checkpoint(str(directory))
 
 
