@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-# Weights: hub ids or local folders (config.yaml + pytorch_model.bin), and the EnCodec checkpoint file.
+# Weights: hub ids or local folders, upstream (config.yaml + pytorch_model.bin) or transformers layout
+# (config.json + model.safetensors; see docs/weights.md), and the EnCodec checkpoint file.
 VOCOS_MEL ?= charactr/vocos-mel-24khz
 VOCOS_ENCODEC ?= charactr/vocos-encodec-24khz
 ENCODEC_CHECKPOINT ?=

@@ -43,6 +43,11 @@ def _contract_names() -> set:
     return models | {contract.Tensor.WAVEFORM, contract.Tensor.FEATURES, contract.Tensor.BANDWIDTH_ID}
 
 
+#: other projects' names that coincide with a contract name, where they are read: the transformers port's
+#: ``model_type`` of its EnCodec Vocos is "vocos_encodec", a config.json value, not our Triton model
+FOREIGN_NAMES = {"handlers/vocos_triton/build/hf_layout.py": {contract.Model.VOCOS_ENCODEC}}
+
+
 def _code_files() -> list:
     files = [p for folder in ("handlers", "client", "load_tests") for p in (ROOT / folder).rglob("*.py")]
     return [p for p in files if p.name != "contract.py" or p.parent.name != "vocos_triton"]
@@ -58,7 +63,7 @@ def test_no_model_or_tensor_name_is_spelled_outside_the_contract():
                       and node.body and isinstance(node.body[0], ast.Expr)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-                if node.value in names:
+                if node.value in names and node.value not in FOREIGN_NAMES.get(str(path.relative_to(ROOT)), ()):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     makefile = (ROOT / "Makefile").read_text()
     found += [f"Makefile: {name}" for name in names if name in makefile]

@@ -1,8 +1,11 @@
-"""Finding and loading checkpoints in their upstream formats, with sha256 provenance.
+"""Finding and loading checkpoints, with sha256 provenance.
 
 Sources:
-- Vocos: a Hugging Face hub id (``charactr/vocos-mel-24khz``, ``charactr/vocos-encodec-24khz``) or a
-  local directory holding ``config.yaml`` + ``pytorch_model.bin``, the files the hub repository has.
+- Vocos: a Hugging Face hub id or a local directory, in either layout (detected, see
+  :func:`detect_layout`): upstream ``vocos`` (``config.yaml`` + ``pytorch_model.bin``, e.g.
+  ``charactr/vocos-mel-24khz``) or the transformers port's (``config.json`` + ``model.safetensors`` or
+  ``pytorch_model.bin``, e.g. ``Manel/vocos-mel-24khz``; read by :mod:`.hf_layout` into upstream names).
+  Either way :func:`load_vocos_checkpoint` returns the same :class:`VocosCheckpoint`.
 - EnCodec 24 kHz: the ``encodec`` package's checkpoint ``encodec_24khz-d7cc33bc.th`` (a plain
   ``state_dict``), from a path, the torch hub cache, or a download from the package's own URL.
 
@@ -19,7 +22,7 @@ import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import yaml
@@ -31,6 +34,9 @@ ENCODEC_OFFICIAL_SHA256 = "d7cc33bcf1aad7f2dad9836f36431530744abeace3ca033005e32
 ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + ENCODEC_CHECKPOINT_NAME
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "pytorch_model.bin"
+HF_CONFIG_FILE = "config.json"  # the transformers layout (see hf_layout.py, which names its other files)
+HF_SAFETENSORS_FILE = "model.safetensors"
+UPSTREAM, TRANSFORMERS = "upstream", "transformers"  # the two layouts
 
 _FEATURE_EXTRACTORS = {
     "vocos.feature_extractors.MelSpectrogramFeatures": "mel",
@@ -41,7 +47,8 @@ _HEAD = "vocos.heads.ISTFTHead"
 
 HOW_TO_PROVIDE_WEIGHTS = """\
 How to provide weights:
-  1. Local copies of the hub repositories (each a folder with config.yaml + pytorch_model.bin):
+  1. Local copies of the hub repositories (each a folder with config.yaml + pytorch_model.bin, or the
+     transformers layout: config.json + model.safetensors or pytorch_model.bin, see docs/weights.md):
        make serve VOCOS_MEL=/path/to/vocos-mel-24khz VOCOS_ENCODEC=/path/to/vocos-encodec-24khz \\
                   ENCODEC_CHECKPOINT=/path/to/encodec_24khz-d7cc33bc.th
      (download them where the Hugging Face Hub is reachable:
@@ -83,18 +90,33 @@ def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
 
 @dataclass
 class VocosCheckpoint:
-    """A Vocos checkpoint as upstream ships it: its parsed config and its state_dict."""
+    """A Vocos checkpoint in upstream terms, whatever layout it came in: the config.yaml sections and the
+    state_dict under ``vocos``' key names."""
 
     source: str
     directory: Path
     variant: str  # "mel" or "encodec"
     config: dict
     state_dict: Dict[str, torch.Tensor]
-    sha256: Dict[str, str] = field(default_factory=dict)
+    sha256: Dict[str, str] = field(default_factory=dict)  # file name -> sha256, every file read
+    layout: str = UPSTREAM
+    #: how a transformers-layout checkpoint was read (key layout, port commits, where codebooks came from)
+    details: Dict[str, object] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
-        return self.directory / CONFIG_FILE
+        return self.directory / (CONFIG_FILE if self.layout == UPSTREAM else HF_CONFIG_FILE)
+
+    @property
+    def weights_path(self) -> Path:
+        names = [name for name in self.sha256 if name != self.config_path.name]
+        return self.directory / (names[0] if names else WEIGHTS_FILE)
+
+    @property
+    def codebooks_from_encodec(self) -> bool:
+        """True when the layout carries no codebook_weights (the port's nested EnCodec layout): the
+        EnCodec checkpoint's first codebooks stand in, as upstream initialises them."""
+        return self.variant == "encodec" and "feature_extractor.codebook_weights" not in self.state_dict
 
 
 @dataclass
@@ -133,30 +155,72 @@ def _hub_unreachable_reason() -> Optional[str]:
     return None
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    """The hub snapshot folder of ``repo_id`` holding both files (cache first, then network)."""
-    from huggingface_hub import hf_hub_download
+def _hub_snapshot(repo_id: str, choices: List[List[str]], need_all: bool = True) -> Optional[Path]:
+    """The snapshot folder of ``repo_id`` holding the files of the first choice of ``allow_patterns`` that
+    the hub has (all of them, or any one with ``need_all=False``): every choice in the local cache first,
+    then on the network. None when the repository has none of them; :class:`WeightsUnavailable` when it
+    cannot be asked."""
+    from huggingface_hub import snapshot_download
 
-    def fail(filename: str, reason: str) -> WeightsUnavailable:
-        return WeightsUnavailable(
-            f"Could not get {filename} of {repo_id!r} from the Hugging Face Hub ({reason}) "
-            f"and it is not in the local cache.\n{HOW_TO_PROVIDE_WEIGHTS}")
+    def complete(folder: Path, patterns: List[str]) -> bool:
+        return (all if need_all else any)((folder / name).is_file() for name in patterns)
 
-    paths = []
-    for filename in (CONFIG_FILE, WEIGHTS_FILE):
+    for patterns in choices:
         try:
-            paths.append(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
+            folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # not cached (huggingface_hub raises several types)
             continue
-        except Exception:
-            pass
-        reason = _hub_unreachable_reason()
-        if reason:
-            raise fail(filename, reason)
-        try:
-            paths.append(hf_hub_download(repo_id=repo_id, filename=filename, etag_timeout=10))
-        except Exception as exc:
-            raise fail(filename, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    return Path(paths[0]).parent
+        if complete(folder, patterns):
+            return folder
+    wanted = " or ".join(" + ".join(patterns) for patterns in choices)
+    reason = _hub_unreachable_reason()
+    if reason is None:
+        for patterns in choices:
+            try:
+                folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns, etag_timeout=10))
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                break
+            if complete(folder, patterns):
+                return folder
+        else:
+            return None
+    raise WeightsUnavailable(f"Could not get {wanted} of {repo_id!r} from the Hugging Face Hub ({reason}) "
+                             f"and they are not in the local cache.\n{HOW_TO_PROVIDE_WEIGHTS}")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """The hub snapshot folder of ``repo_id`` holding one layout's files (cache first, then network):
+    the configs first, to learn the layout, then only that layout's weights (safetensors before .bin)."""
+    configs = _hub_snapshot(repo_id, [[CONFIG_FILE, HF_CONFIG_FILE]], need_all=False)
+    if configs is None:
+        raise CheckpointError(f"{repo_id}: the hub repository has neither {CONFIG_FILE} (upstream vocos layout) "
+                              f"nor {HF_CONFIG_FILE} (transformers layout)")
+    if detect_layout(configs) == UPSTREAM:
+        choices = [[CONFIG_FILE, WEIGHTS_FILE]]
+    else:
+        choices = [[HF_CONFIG_FILE, HF_SAFETENSORS_FILE], [HF_CONFIG_FILE, WEIGHTS_FILE]]
+    folder = _hub_snapshot(repo_id, choices)
+    if folder is None:
+        raise CheckpointError(f"{repo_id}: the hub repository has {choices[0][0]} but none of the weight files "
+                              f"{' or '.join(c[1] for c in choices)}")
+    return folder
+
+
+def detect_layout(directory: Path) -> str:
+    """UPSTREAM (``config.yaml``) or TRANSFORMERS (``config.json``); anything else is a CheckpointError."""
+    upstream, transformers = (directory / CONFIG_FILE).is_file(), (directory / HF_CONFIG_FILE).is_file()
+    if upstream and transformers:
+        raise CheckpointError(f"{directory}: holds both {CONFIG_FILE} (upstream vocos layout) and {HF_CONFIG_FILE} "
+                              "(transformers layout); expected one layout per folder")
+    if upstream:
+        return UPSTREAM
+    if transformers:
+        return TRANSFORMERS
+    found = sorted(p.name for p in directory.iterdir())[:8] if directory.is_dir() else []
+    raise CheckpointError(
+        f"{directory}: unknown checkpoint layout (found {found}); expected {CONFIG_FILE} + {WEIGHTS_FILE} "
+        f"(upstream vocos) or {HF_CONFIG_FILE} + {HF_SAFETENSORS_FILE} or {WEIGHTS_FILE} (transformers)")
 
 
 def _validate_config(config: object, where: Path) -> str:
@@ -179,10 +243,11 @@ def _validate_config(config: object, where: Path) -> str:
 
 
 def load_vocos_checkpoint(source: str, expected_variant: Optional[str] = None) -> VocosCheckpoint:
-    """Load a Vocos checkpoint from a local directory or a hub id.
+    """Load a Vocos checkpoint from a local directory or a hub id, in either layout (detected).
 
-    Raises :class:`CheckpointError` for missing/corrupt files or a wrong config, and
-    :class:`WeightsUnavailable` when a hub id cannot be fetched.
+    Raises :class:`CheckpointError` for an unknown layout, missing/corrupt files, a wrong config, or (the
+    transformers layout) a missing, unexpected or misshapen key; :class:`WeightsUnavailable` when a hub id
+    cannot be fetched.
     """
     local = Path(source).expanduser()
     if local.is_dir():
@@ -190,7 +255,19 @@ def load_vocos_checkpoint(source: str, expected_variant: Optional[str] = None) -
     elif _looks_like_hub_id(source) and not local.exists():
         directory = _download_from_hub(source)
     else:
-        raise CheckpointError(f"{source}: neither a directory with {CONFIG_FILE} + {WEIGHTS_FILE} nor a hub id")
+        raise CheckpointError(f"{source}: neither a directory with {CONFIG_FILE} + {WEIGHTS_FILE} "
+                              f"(or {HF_CONFIG_FILE} + weights) nor a hub id")
+    if detect_layout(directory) == TRANSFORMERS:
+        checkpoint = _load_transformers_layout(source, directory)
+    else:
+        checkpoint = _load_upstream_layout(source, directory)
+    if expected_variant is not None and checkpoint.variant != expected_variant:
+        raise CheckpointError(f"{checkpoint.config_path}: a {checkpoint.variant} Vocos checkpoint, "
+                              f"but a {expected_variant} one was expected")
+    return checkpoint
+
+
+def _load_upstream_layout(source: str, directory: Path) -> VocosCheckpoint:
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -200,8 +277,6 @@ def load_vocos_checkpoint(source: str, expected_variant: Optional[str] = None) -
     except yaml.YAMLError as exc:
         raise CheckpointError(f"{config_path}: not valid YAML ({exc})") from exc
     variant = _validate_config(config, config_path)
-    if expected_variant is not None and variant != expected_variant:
-        raise CheckpointError(f"{config_path}: a {variant} Vocos checkpoint, but a {expected_variant} one was expected")
     return VocosCheckpoint(
         source=source,
         directory=directory,
@@ -209,6 +284,23 @@ def load_vocos_checkpoint(source: str, expected_variant: Optional[str] = None) -
         config=config,
         state_dict=load_state_dict(weights_path),
         sha256={CONFIG_FILE: sha256_of(config_path), WEIGHTS_FILE: sha256_of(weights_path)},
+    )
+
+
+def _load_transformers_layout(source: str, directory: Path) -> VocosCheckpoint:
+    from . import hf_layout  # imports CheckpointError from here
+
+    read = hf_layout.read(directory)
+    _validate_config(read.config, directory / HF_CONFIG_FILE)  # the mapped config is one upstream accepts
+    return VocosCheckpoint(
+        source=source,
+        directory=directory,
+        variant=read.variant,
+        config=read.config,
+        state_dict=read.state_dict,
+        sha256={name: sha256_of(path) for name, path in read.files.items()},
+        layout=TRANSFORMERS,
+        details=read.details,
     )
 
 
@@ -231,7 +323,8 @@ def locate_encodec_checkpoint(source: Optional[str] = None) -> Path:
         return cached
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(ENCODEC_URL, str(cached), hash_prefix=ENCODEC_OFFICIAL_SHA256[:8], progress=False)
+        torch.hub.download_url_to_file(ENCODEC_URL, str(cached), hash_prefix=ENCODEC_OFFICIAL_SHA256[:8],
+                                       progress=False)
     except Exception as exc:
         raise WeightsUnavailable(
             f"Could not download {ENCODEC_CHECKPOINT_NAME} ({type(exc).__name__}: {exc}).\n{HOW_TO_PROVIDE_WEIGHTS}"
@@ -246,7 +339,7 @@ def load_encodec_checkpoint(source: Optional[str] = None) -> EncodecCheckpoint:
     )
 
 
-def build_encodec_model(checkpoint: EncodecCheckpoint) -> "torch.nn.Module":
+def build_encodec_model(checkpoint: EncodecCheckpoint) -> torch.nn.Module:
     """``EncodecModel.encodec_model_24khz`` with the checkpoint's weights (no download)."""
     from encodec import EncodecModel
 
@@ -259,7 +352,7 @@ def build_encodec_model(checkpoint: EncodecCheckpoint) -> "torch.nn.Module":
 
 
 @contextlib.contextmanager
-def _encodec_factory_returning(model: "torch.nn.Module") -> Iterator[None]:
+def _encodec_factory_returning(model: torch.nn.Module) -> Iterator[None]:
     """Make ``vocos``' ``EncodecFeatures`` use ``model`` instead of downloading EnCodec (vocos 0.1.0 trap)."""
     from vocos import feature_extractors
 
@@ -271,31 +364,37 @@ def _encodec_factory_returning(model: "torch.nn.Module") -> Iterator[None]:
         feature_extractors.EncodecModel.encodec_model_24khz = original
 
 
+def _vocos_from_config(config: dict) -> torch.nn.Module:
+    """``Vocos.from_hparams`` on the parsed config sections (the transformers layout has no config.yaml)."""
+    from vocos import Vocos
+    from vocos.pretrained import instantiate_class
+
+    parts = {name: instantiate_class(args=(), init=config[name]) for name in ("feature_extractor", "backbone", "head")}
+    return Vocos(**parts)
+
+
 def build_reference_vocos(
     checkpoint: VocosCheckpoint, encodec: Optional[EncodecCheckpoint] = None
-) -> "torch.nn.Module":
+) -> torch.nn.Module:
     """The reference ``vocos.Vocos`` exactly as ``Vocos.from_pretrained`` builds it, from local files."""
-    from vocos import Vocos
-
+    state_dict = dict(checkpoint.state_dict)
     if checkpoint.variant == "encodec":
         if encodec is None:
             raise CheckpointError("the EnCodec-variant Vocos needs the EnCodec 24 kHz checkpoint")
         with _encodec_factory_returning(build_encodec_model(encodec)):
-            model = Vocos.from_hparams(str(checkpoint.config_path))
-        state_dict = dict(checkpoint.state_dict)
+            model = _vocos_from_config(checkpoint.config)
         # As Vocos.from_pretrained does: EnCodec's weights come from the EnCodec checkpoint.
         state_dict.update(
             {"feature_extractor.encodec." + k: v for k, v in model.feature_extractor.encodec.state_dict().items()}
         )
+        if checkpoint.codebooks_from_encodec:  # EncodecFeatures built them from this EnCodec model's codebooks
+            state_dict["feature_extractor.codebook_weights"] = model.feature_extractor.codebook_weights.detach().clone()
     else:
-        model = Vocos.from_hparams(str(checkpoint.config_path))
-        state_dict = checkpoint.state_dict
+        model = _vocos_from_config(checkpoint.config)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise CheckpointError(
-            f"{checkpoint.directory / WEIGHTS_FILE}: does not match {checkpoint.config_path} ({exc})"
-        ) from exc
+        raise CheckpointError(f"{checkpoint.weights_path}: does not match {checkpoint.config_path} ({exc})") from exc
     return model.eval()
 
 
@@ -306,8 +405,11 @@ def describe_sources(*items: object) -> Dict[str, object]:
         if isinstance(item, VocosCheckpoint):
             described[f"vocos_{item.variant}"] = {
                 "source": item.source,
+                "layout": item.layout,
                 "directory": str(item.directory),
+                "files": sorted(item.sha256),
                 "sha256": item.sha256,
+                **({"transformers": item.details} if item.details else {}),
             }
         elif isinstance(item, EncodecCheckpoint):
             described["encodec_24khz"] = {

@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -335,6 +336,28 @@ def build_repository(
     return written
 
 
+def build_repository_atomically(output: Path, *args: object, **kwargs: object) -> Dict[str, Dict[str, object]]:
+    """:func:`build_repository` into a staging folder beside ``output``, which replaces ``output`` only once
+    every artifact is written and verified: a failure (a bad checkpoint, a parity error, an interrupt) leaves
+    the previous repository as it was and no staging folder behind."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
+    try:
+        written = build_repository(staging, *args, **kwargs)
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.previous-", dir=output.parent))
+            output.rename(retired / output.name)  # two renames on one file system: no half-built moment
+            staging.rename(output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it became ``output``
+    return written
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Build the Vocos Triton model repository from checkpoints.")
     parser.add_argument("--output", type=Path, default=DEFAULT_REPOSITORY)
@@ -362,8 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mel = ck.load_vocos_checkpoint(mel_source, expected_variant="mel")
         vocos_encodec = ck.load_vocos_checkpoint(encodec_source, expected_variant="encodec")
         encodec = ck.load_encodec_checkpoint(encodec_checkpoint)
-        build_repository(args.output, mel, vocos_encodec, encodec, random_weights=bool(args.random_weights),
-                         freeze=not args.no_freeze, precision=args.precision)
+        build_repository_atomically(args.output, mel, vocos_encodec, encodec,
+                                    random_weights=bool(args.random_weights), freeze=not args.no_freeze,
+                                    precision=args.precision)
     except ck.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
