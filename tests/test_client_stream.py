@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List
 
 import numpy as np
@@ -279,15 +280,26 @@ def test_busy_server_is_retried_at_the_start_and_abandoned_streams_do_not_lock_i
                 thread.join(timeout=120)
     assert not errors, errors
 
-    # Abandon a full set of streams mid-sequence (no END): cancelled, or idle until the server drops them.
-    with VocosClient(triton.grpc_url, timeout=60) as vc:
-        abandoned = [vc.stream(mel=iter([mel[:, :40], mel[:, 40:41]] + [mel[:, :1]] * 10_000)) for _ in range(slots)]
+    # Abandon a full set of streams mid-sequence (no END): their slots come back (on the cancellation, or
+    # after the server's idle timeout), and then a full set of new streams runs again.
+    def stalled():
+        yield mel[:, :40]
+        yield mel[:, 40:41]
+        release.wait(timeout=60)  # only keeps the feeder threads parked until the test ends
+        yield mel[:, :1]
+
+    release.clear()
+    patient_options = dict(timeout=90, retries=60, backoff=0.5)
+    with VocosClient(triton.grpc_url, **patient_options) as vc:
+        abandoned = [vc.stream(mel=stalled()) for _ in range(slots)]
         for stream in abandoned:
             next(stream)
         for stream in abandoned:
             stream.close()
-    with VocosClient(triton.grpc_url, timeout=60, retries=30, backoff=0.5) as patient:
-        assert joined(list(patient.stream(mel=mel))).size == (mel.shape[1] - 1) * 256
+    release.set()
+    with VocosClient(triton.grpc_url, **patient_options) as patient, ThreadPoolExecutor(slots) as pool:
+        lengths = list(pool.map(lambda _: joined(list(patient.stream(mel=mel[:, :40]))).size, range(slots)))
+    assert lengths == [39 * 256] * slots
 
 
 # -- validation: local checks say what the server says ------------------------------------------------------
@@ -306,7 +318,7 @@ def test_local_checks_match_the_server(triton, mel, codes, case):
     kind, make, bandwidth = BAD_STREAMS[case]
     messages = {}
     for validate in (True, False):
-        with VocosClient(triton.grpc_url, validate=validate, retries=0) as vc:
+        with VocosClient(triton.grpc_url, validate=validate, retries=20, backoff=0.5) as vc:
             with pytest.raises(InvalidInputError) as caught:
                 list(vc.stream(**kwargs_for(kind, make(mel, codes), bandwidth)))
         error = caught.value
@@ -321,8 +333,11 @@ def test_stream_longer_than_max_seconds_is_refused_at_the_chunk_that_crosses(tri
         with pytest.raises(InvalidInputError, match=r"^mel: expected at most 94 frames \(1 s\) in a sequence, "
                                                     r"this chunk brings it to 100"):
             list(vc.stream(mel=[mel[:, :60], mel[:, 60:100]]))
-        with pytest.raises(InvalidInputError, match="this chunk brings it to 150"):
-            list(vc.stream(mel=mel[:, :150], chunk_frames=50))  # a whole array is checked before sending
+        # a whole array is checked before sending, chunk by chunk as the server would
+        with pytest.raises(InvalidInputError, match="this chunk brings it to 100"):
+            list(vc.stream(mel=mel[:, :150], chunk_frames=50))
+        with pytest.raises(InvalidInputError, match=r"^mel: expected at most 94 frames \(1.00267 s\), got 150"):
+            list(vc.stream(mel=mel[:, :150]))
 
 
 @pytest.mark.parametrize("call, message", [
@@ -332,6 +347,7 @@ def test_stream_longer_than_max_seconds_is_refused_at_the_chunk_that_crosses(tri
     (dict(codes=np.zeros((3, 10), np.int64)), "codes: expected 2, 4, 8 or 16 codebooks"),
     (dict(mel=np.zeros((100, 1), np.float32)), "mel: expected at least 2 frames in a sequence, it ended with 1"),
     (dict(mel=[]), "mel: expected at least 2 frames in a sequence, it ended with 0"),
+    (dict(mel=np.zeros((100, 0), np.float32)), "mel: expected at least 1 frames, got an empty mel"),
     (dict(mel=np.zeros((100, 10), np.float32), codes=np.zeros((8, 10), np.int64)), "expected exactly one of"),
     (dict(mel="mel.npy"), "mel: expected a numpy array or an iterable of chunks"),
 ])

@@ -66,14 +66,13 @@ from ._common import Attempts, Options
 from ._errors import (
     INVALID_ARGUMENT,
     UNAVAILABLE,
-    InvalidInputError,
     ServerError,
     ServerUnavailableError,
     VocosError,
     from_triton,
     tensor_of,
 )
-from ._inputs import OUTPUT, _as_codes, _as_mel, _bandwidth, _bandwidth_tensor, _invalid, input_kind
+from ._inputs import OUTPUT, _as_codes, _as_mel, _bandwidth, _bandwidth_tensor, _contract, _invalid, input_kind
 
 log = logging.getLogger("vocos_client")
 
@@ -94,6 +93,10 @@ def new_sequence_id() -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # Chunks: conversion and validation (the contract's functions, so the server's words)
+
+def _frames(array: np.ndarray) -> int:
+    return int(array.shape[-1]) if array.ndim else 0
+
 
 @dataclass
 class ChunkChecker:
@@ -142,7 +145,7 @@ class ChunkChecker:
                 array = array.astype(np.int64, copy=False)
             return np.ascontiguousarray(array)
         except c.InvalidInput as exc:
-            raise InvalidInputError(str(exc), tensor=exc.tensor) from None
+            raise _contract(exc) from None
 
     def count(self, frames: int) -> None:
         """Add ``frames`` to the sequence; the chunk that takes it past the limit is refused."""
@@ -151,16 +154,17 @@ class ChunkChecker:
             try:
                 c.check_sequence_total(self.tensor, total, self.max_frames, self.limits.max_seconds)
             except c.InvalidInput as exc:
-                raise InvalidInputError(str(exc), tensor=exc.tensor) from None
+                raise _contract(exc) from None
         self.frames = total
 
-    def check_complete(self) -> None:
-        """At the end of the sequence: it must be as long as the offline model's minimum."""
-        if self.validate:
+    def check_complete(self, always: bool = False) -> None:
+        """At the end of the sequence: it must be as long as the offline model's minimum. ``always``: also
+        unvalidated (a stream with no frame at all cannot even be sent)."""
+        if self.validate or always:
             try:
                 c.check_sequence_end(self.tensor, self.frames, self.min_frames)
             except c.InvalidInput as exc:
-                raise InvalidInputError(str(exc), tensor=exc.tensor) from None
+                raise _contract(exc) from None
 
     def tensors(self, array: np.ndarray) -> Dict[str, np.ndarray]:
         """The request tensors of a converted chunk, batch dimension included."""
@@ -174,26 +178,30 @@ class ChunkChecker:
 
 @dataclass
 class StreamPlan:
-    """What ``stream()`` was asked: the model, the checker, and either a whole array or a chunk source."""
+    """What ``stream()`` was asked: the model, the checker, and either a whole array's chunks (converted and
+    checked) or a source of chunks (checked as they come)."""
 
     kind: str
     model: str
     checker: ChunkChecker
-    array: Optional[np.ndarray] = None  # a whole (C, T) array, already checked
-    chunk_frames: Optional[int] = None
+    chunks: Optional[List[np.ndarray]] = None
     source: Any = None  # an iterable or async iterable of chunks
 
-    def array_chunks(self) -> List[np.ndarray]:
-        """The whole array cut into ``chunk_frames`` chunks (one chunk without it); views, no copies."""
-        assert self.array is not None
-        frames = self.array.shape[1]
-        step = self.chunk_frames or max(frames, 1)
-        return [self.array[:, start:start + step] for start in range(0, frames, step)]
+
+def _cut(array: np.ndarray, kind: str, chunk_frames: Optional[int]) -> List[np.ndarray]:
+    """A whole array in ``chunk_frames`` chunks (one without it): views; a malformed array as one chunk,
+    for the checks to describe."""
+    layout = _as_mel(array) if kind == "mel" else _as_codes(array)
+    if layout.ndim != 2 or layout.shape[1] == 0:
+        return [layout]
+    step = chunk_frames or layout.shape[1]
+    return [layout[:, start:start + step] for start in range(0, layout.shape[1], step)]
 
 
 def plan(options: Options, *, mel: Optional[ChunkSource], codes: Optional[ChunkSource], bandwidth: Any,
          chunk_frames: Optional[int]) -> StreamPlan:
-    """Check the call before anything is sent; a whole array is validated here, in full."""
+    """Check the call before anything is sent. A whole array is checked here in full, chunk by chunk as the
+    server will check it (so its first complaint is the server's)."""
     kind = input_kind(mel=mel, codes=codes)
     if chunk_frames is not None and (isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int)
                                      or chunk_frames < c.STREAM_CHUNK_MIN_FRAMES):
@@ -203,18 +211,18 @@ def plan(options: Options, *, mel: Optional[ChunkSource], codes: Optional[ChunkS
     try:
         parsed = _bandwidth(bandwidth, options.validate)
     except c.InvalidInput as exc:
-        raise InvalidInputError(str(exc), tensor=exc.tensor) from None
+        raise _contract(exc) from None
     checker = ChunkChecker(kind, options.limits, options.validate, parsed)
     value = mel if kind == "mel" else codes
     stream_plan = StreamPlan(kind, STREAM_MODELS[kind], checker)
     if isinstance(value, np.ndarray):
-        array = checker.convert(value)
-        if array.ndim == 2:
-            checker.frames = 0
-            checker.count(array.shape[1])
-            checker.check_complete()
-            checker.frames = 0  # counted again as the chunks are sent
-        stream_plan.array, stream_plan.chunk_frames = array, chunk_frames
+        chunks = []
+        for chunk in _cut(value, kind, chunk_frames):
+            chunks.append(checker.convert(chunk))
+            checker.count(_frames(chunks[-1]))
+        checker.check_complete()
+        checker.frames = 0  # counted again as the chunks are sent
+        stream_plan.chunks = chunks
         return stream_plan
     if chunk_frames is not None:
         raise ValueError("chunk_frames applies to a whole array; an iterable is sent chunk by chunk as it comes")
@@ -397,7 +405,34 @@ class _Requests:
         return item
 
 
-class StreamSession:
+class _Session:
+    """What the sync and asyncio sessions share: the call's stub and headers, the deadline, the requests
+    kept for a retry until the server acknowledges the first one, and per-request send times."""
+
+    def __init__(self, client: Any, model: str, *, attempts: Optional[Attempts] = None,
+                 timeout: Optional[float] = None) -> None:
+        self._stub = client._client_stub
+        self._metadata = tuple(client._get_metadata(dict(STREAM_HEADERS)))
+        self.model = model
+        self.attempts = attempts  # None: no retry, ``timeout`` bounds the call
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._unacknowledged: List[Tuple[Dict[str, np.ndarray], bool]] = []
+        self._closed = False
+        self._call: Any = None
+        self.sequence = Sequence(model)
+        self.send_times: List[float] = []  # perf_counter() at each send, by request index
+
+    def _remaining(self) -> Optional[float]:
+        if self.attempts is not None:
+            return self.attempts.remaining()
+        return None if self._deadline is None else max(self._deadline - time.monotonic(), 1e-3)
+
+    def _may_retry(self, error: VocosError) -> bool:
+        return (self.attempts is not None and isinstance(error, ServerUnavailableError)
+                and not self.sequence.acknowledged and not self._closed)
+
+
+class StreamSession(_Session):
     """One streamed sequence on a sync ``tritonclient.grpc`` client (its channel, stub and headers).
 
     ``send(tensors, end=)`` may be called from another thread than the one reading :meth:`events`;
@@ -405,19 +440,11 @@ class StreamSession:
     server acknowledges the first request (see the module docstring).
     """
 
-    def __init__(self, client: Any, model: str, options: Options, attempts: Attempts) -> None:
-        self._stub = client._client_stub
-        self._metadata = tuple(client._get_metadata(dict(STREAM_HEADERS)))
-        self.model = model
-        self.options = options
-        self.attempts = attempts
+    def __init__(self, client: Any, model: str, *, attempts: Optional[Attempts] = None,
+                 timeout: Optional[float] = None) -> None:
+        super().__init__(client, model, attempts=attempts, timeout=timeout)
         self._lock = threading.Lock()
-        self._unacknowledged: List[Tuple[Dict[str, np.ndarray], bool]] = []
-        self._closed = False
-        self._call: Any = None
         self._opened = threading.Event()  # set by the first send (or a cancel)
-        self.sequence = Sequence(model)
-        self.send_times: List[float] = []
 
     def _open(self) -> None:
         """A new call for a new sequence (lock held); the call starts with the first chunk, not before, so
@@ -425,7 +452,7 @@ class StreamSession:
         self.sequence = Sequence(self.model)
         self._requests = _Requests()
         self._call = self._stub.ModelStreamInfer(self._requests, metadata=self._metadata,
-                                                 timeout=self.attempts.remaining())
+                                                 timeout=self._remaining())
         self._opened.set()
 
     def send(self, tensors: Dict[str, np.ndarray], end: bool = False) -> None:
@@ -479,8 +506,9 @@ class StreamSession:
 
     def _retry(self, error: VocosError) -> bool:
         """After ``UNAVAILABLE`` before the first acknowledgement: wait, reopen, resend; else ``False``."""
-        if not isinstance(error, ServerUnavailableError) or self.sequence.acknowledged or self._closed:
+        if not self._may_retry(error):
             return False
+        assert self.attempts is not None
         delay = self.attempts.next_delay(error)
         if delay is None:
             raise self.attempts.give_up(error) from error
@@ -544,10 +572,6 @@ class _Feeder(threading.Thread):
                     close()
 
 
-def _frames(array: np.ndarray) -> int:
-    return int(array.shape[-1]) if array.ndim else 0
-
-
 def _open_ended(checker: ChunkChecker, source: Iterator[Any],
                 stopping: Callable[[], bool]) -> Iterator[Tuple[Dict[str, np.ndarray], bool]]:
     """(tensors, end) requests for the chunks of an iterable, the last frame held back each time."""
@@ -562,20 +586,20 @@ def _open_ended(checker: ChunkChecker, source: Iterator[Any],
             yield checker.tensors(ready), False
     checker.check_complete()
     last = hold.finish()
-    assert last is not None  # check_complete refused an empty sequence
+    if last is None:
+        checker.check_complete(always=True)
     yield checker.tensors(last), True
 
 
 def stream(client: Any, options: Options, plan: StreamPlan, timeout: Optional[float]) -> Iterator[np.ndarray]:
     """The generator behind :meth:`VocosClient.stream`: float32 pieces in order."""
-    attempts = Attempts(options, timeout, plan.model)
-    session = StreamSession(client, plan.model, options, attempts)
+    session = StreamSession(client, plan.model, attempts=Attempts(options, timeout, plan.model))
     feeder: Optional[_Feeder] = None
     try:
-        if plan.array is not None:
-            chunks = plan.array_chunks()
+        if plan.chunks is not None:
+            chunks = plan.chunks
             for index, chunk in enumerate(chunks):
-                plan.checker.count(chunk.shape[1])
+                plan.checker.count(_frames(chunk))
                 session.send(plan.checker.tensors(chunk), end=index == len(chunks) - 1)
         else:
             feeder = _Feeder(session, plan)
@@ -601,26 +625,18 @@ def stream(client: Any, options: Options, plan: StreamPlan, timeout: Optional[fl
 # ---------------------------------------------------------------------------------------------------
 # asyncio transport
 
-class AsyncStreamSession:
+class AsyncStreamSession(_Session):
     """The asyncio twin of :class:`StreamSession` on a ``tritonclient.grpc.aio`` client."""
 
-    def __init__(self, client: Any, model: str, options: Options, attempts: Attempts) -> None:
-        self._stub = client._client_stub
-        self._metadata = tuple(client._get_metadata(dict(STREAM_HEADERS)))
-        self.model = model
-        self.options = options
-        self.attempts = attempts
+    def __init__(self, client: Any, model: str, *, attempts: Optional[Attempts] = None,
+                 timeout: Optional[float] = None) -> None:
+        super().__init__(client, model, attempts=attempts, timeout=timeout)
         self._lock = asyncio.Lock()
-        self._unacknowledged: List[Tuple[Dict[str, np.ndarray], bool]] = []
-        self._closed = False
-        self._call: Any = None
         self._opened = asyncio.Event()
-        self.sequence = Sequence(model)
-        self.send_times: List[float] = []
 
     def _open(self) -> None:
         self.sequence = Sequence(self.model)
-        self._call = self._stub.ModelStreamInfer(metadata=self._metadata, timeout=self.attempts.remaining())
+        self._call = self._stub.ModelStreamInfer(metadata=self._metadata, timeout=self._remaining())
         self._opened.set()
 
     async def send(self, tensors: Dict[str, np.ndarray], end: bool = False) -> None:
@@ -673,8 +689,9 @@ class AsyncStreamSession:
             log.debug("%s: stream ended after its last response with %s", self.model, rpc_error(exc))
 
     async def _retry(self, error: VocosError) -> bool:
-        if not isinstance(error, ServerUnavailableError) or self.sequence.acknowledged or self._closed:
+        if not self._may_retry(error):
             return False
+        assert self.attempts is not None
         delay = self.attempts.next_delay(error)
         if delay is None:
             raise self.attempts.give_up(error) from error
@@ -722,7 +739,8 @@ async def _feed(session: AsyncStreamSession, plan: StreamPlan) -> None:
                 await session.send(checker.tensors(ready), False)
         checker.check_complete()
         last = hold.finish()
-        assert last is not None
+        if last is None:
+            checker.check_complete(always=True)
         await session.send(checker.tensors(last), True)
     finally:
         await source.aclose()
@@ -732,14 +750,13 @@ async def astream(client: Callable[[], Any], options: Options, plan: StreamPlan,
                   timeout: Optional[float]) -> AsyncIterator[np.ndarray]:
     """The async generator behind :meth:`AsyncVocosClient.stream`; ``client()`` gives the aio client (its
     channel is made in the running loop, on first use)."""
-    attempts = Attempts(options, timeout, plan.model)
-    session = AsyncStreamSession(client(), plan.model, options, attempts)
+    session = AsyncStreamSession(client(), plan.model, attempts=Attempts(options, timeout, plan.model))
     feeder: Optional[asyncio.Task] = None
     try:
-        if plan.array is not None:
-            chunks = plan.array_chunks()
+        if plan.chunks is not None:
+            chunks = plan.chunks
             for index, chunk in enumerate(chunks):
-                plan.checker.count(chunk.shape[1])
+                plan.checker.count(_frames(chunk))
                 await session.send(plan.checker.tensors(chunk), end=index == len(chunks) - 1)
         else:
             feeder = asyncio.ensure_future(_feed(session, plan))
