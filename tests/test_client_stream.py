@@ -88,6 +88,13 @@ def test_stream_equals_synthesize(client, mel, codes, kind, how):
         assert len(pieces) > 1
 
 
+def test_a_torch_tensor_is_a_whole_array(client, mel):
+    import torch
+
+    audio = joined(list(client.stream(mel=torch.from_numpy(mel), chunk_frames=50)))
+    assert ref.max_error(audio, client.synthesize(mel=mel)) <= EXACT
+
+
 def test_codes_bandwidth_given_and_smaller_k(client):
     codes = np.random.default_rng(4).integers(0, 1024, size=(2, 60))  # 1.5 kbps, int dtype of numpy's default
     expected = client.synthesize(codes=codes, bandwidth=1.5)

@@ -236,8 +236,9 @@ class VocosClient(ClientBase):
         * ``codes``: (K, T) EnCodec codes, K = 2/4/8/16, with ``bandwidth`` (kbps; inferred from K when
           left out, the same for the whole stream) (``decode_codes_stream``),
 
-        each either as a whole numpy array (sent as one request, or in ``chunk_frames`` chunks) or as an
-        iterable of chunks (arrays of T_i >= 1 frames), consumed as it is produced: the TTS case, e.g. a
+        each either as a whole array (numpy, or anything with ``__array__`` such as a CPU torch tensor; sent
+        as one request, or in ``chunk_frames`` chunks) or as an iterable of chunks (arrays of T_i >= 1
+        frames; a list is a list of chunks), consumed as it is produced: the TTS case, e.g. a
         generator that runs the acoustic model. Each chunk is checked and sent as soon as it comes (a
         background thread pulls the iterable, so producing and receiving overlap; the chunk's last frame
         waits for the next chunk, because the last request must carry a frame and mark the end).

@@ -215,6 +215,8 @@ def plan(options: Options, *, mel: Optional[ChunkSource], codes: Optional[ChunkS
     checker = ChunkChecker(kind, options.limits, options.validate, parsed)
     value = mel if kind == "mel" else codes
     stream_plan = StreamPlan(kind, STREAM_MODELS[kind], checker)
+    if not isinstance(value, np.ndarray) and hasattr(value, "__array__"):
+        value = np.asarray(value)  # e.g. a CPU torch tensor: a whole array, not an iterable of its rows
     if isinstance(value, np.ndarray):
         chunks = []
         for chunk in _cut(value, kind, chunk_frames):
