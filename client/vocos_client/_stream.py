@@ -10,8 +10,8 @@ sequence on one gRPC bidirectional stream (``ModelStreamInfer``):
 * an error response (it carries a message but no status code, see :func:`stream_error`) is raised as the
   SDK's typed error, and the stream is cancelled;
 * cancelling the gRPC call (closing the generator, a timeout, an exception in the producer) is what ends
-  the sequence on the server: tritonserver cancels the stream's requests and the model frees the
-  sequence's state;
+  the sequence on the server: tritonserver cancels the stream's requests, and the model frees the
+  sequence's state when it sees that (a chunk still waiting) or after its idle timeout;
 * streams are calls on the client's one channel (HTTP/2 multiplexes them), so a stream costs no
   connection set-up and any number of threads may stream at once through one client.
 
