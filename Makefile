@@ -49,7 +49,7 @@ endif
 # read by vocos_triton.launcher.server (and so by the tests, the bench and the load test)
 export VOCOS_RUNTIME_PYTHON := $(RUNTIME_PYTHON)
 
-.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test bench clean
+.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test bench bench-stream clean
 
 install: $(INSTALLED)
 
@@ -111,7 +111,12 @@ load-test: install runtime system-deps
 # Side-by-side benchmark (reference eager vs TorchScript in-process vs Triton) on the repository's weights.
 bench: install runtime system-deps
 	@ls $(REPOSITORY)/*/1/model.pt >/dev/null 2>&1 || $(MAKE) repository
-	$(PY) load_tests/bench.py --repository $(REPOSITORY) --out results/bench --int8
+	$(PY) load_tests/bench.py --repository $(REPOSITORY) --out results/bench --int8 --stream
+
+# Only the streaming table of the benchmark (time to first audio, RTF by concurrency, issue-13 ratios).
+bench-stream: install runtime system-deps
+	@ls $(REPOSITORY)/*/1/model.pt >/dev/null 2>&1 || $(MAKE) repository
+	$(PY) load_tests/bench.py --repository $(REPOSITORY) --out results/bench --only-stream
 
 clean:
 	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/codebooks.npy $(REPOSITORY)/*/1/provenance.json

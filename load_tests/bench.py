@@ -10,11 +10,17 @@ that machine noise hits all of them alike (warm-up rounds, then the median of ``
 Triton runs at concurrency 1 (batch 1) and 8 (batch 8: eight concurrent single-item requests that
 the server batches), through ``VocosClient``.
 
+With ``--stream`` (``make bench`` passes it) it adds the streaming table (``stream_bench.py``): time to
+first audio p50/p95/p99 and real-time factor at concurrency 1, 2, 4, 8 for mel and codes, the offline
+``vocos_mel`` side by side and the issue-13 ratios; ``--only-stream`` runs just that table (no reference
+models, no in-process worker).
+
 It prints the table with the ratios between the columns, the latency Triton + client add to a
 1 s clip, the server's memory (PSS over tritonserver and its stubs), optionally the fidelity and speed
 of the int8 vocoder (``--int8``), and writes ``bench.json`` + ``bench.png`` into ``--out``.
 
-    python load_tests/bench.py [--repository model_repository] [--repeats 9] [--out results/bench]
+    python load_tests/bench.py [--repository model_repository] [--repeats 9] [--out results/bench] [--stream]
+    python load_tests/bench.py --only-stream [--stream-seconds 10] [--stream-repeats 5]
 """
 from __future__ import annotations
 
@@ -50,6 +56,9 @@ from vocos_triton.launcher.memory import process_tree_pss  # noqa: E402
 from vocos_triton.launcher.runtime import Runtime  # noqa: E402
 from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port  # noqa: E402
 from vocos_triton.speech import speech_clip  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_bench.py, next to this file
+import stream_bench  # noqa: E402
 
 log = logging.getLogger("bench")
 BANDWIDTH = 6.0  # 8 codebooks, Bark's fine tokens
@@ -232,6 +241,27 @@ def plot(rows: List[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_streaming(url: str, args: argparse.Namespace) -> dict:
+    log.info("streaming table: %.0f s clips, concurrency %s, %d rounds", args.stream_seconds,
+             args.stream_concurrency, args.stream_repeats)
+    return stream_bench.run(url, seconds=args.stream_seconds, concurrencies=args.stream_concurrency,
+                            repeats=args.stream_repeats, log=log.info)
+
+
+def streaming_only(args: argparse.Namespace) -> int:
+    """``--only-stream``: a server, the streaming table, ``stream.json``; nothing else."""
+    options = ServerOptions(model_repository=args.repository.resolve(), grpc_port=free_port(), http_port=free_port(),
+                            metrics_port=free_port(), build_dir=args.out / "triton")
+    with TritonServer(options, log_file=args.out / "tritonserver.log") as server:
+        result = run_streaming(server.grpc_url, args)
+        result["runtime"] = server.runtime.describe()
+    stream_bench.print_report(result)
+    print(f"Triton stubs: {result['runtime']}")
+    (args.out / "stream.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'stream.json'}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -241,6 +271,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: all cores)")
     parser.add_argument("--int8", action="store_true", help="also report the opt-in int8 vocoder")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--stream", action="store_true", help="also the streaming table (stream_bench.py)")
+    parser.add_argument("--only-stream", action="store_true", help="only the streaming table")
+    parser.add_argument("--stream-seconds", type=float, default=10.0, help="clip length of the streaming table")
+    parser.add_argument("--stream-repeats", type=int, default=5, help="rounds of the streaming table")
+    parser.add_argument("--stream-concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -248,6 +283,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from vocos_client import VocosClient
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.only_stream:
+        return streaming_only(args)
     reference_mel, reference_encodec = load_references(args.repository)
     options = ServerOptions(model_repository=args.repository.resolve(), grpc_port=free_port(), http_port=free_port(),
                             metrics_port=free_port(), build_dir=args.out / "triton")
@@ -264,6 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             worker.close()
         memory_loaded = process_tree_pss(server.process.pid)
+        streaming = run_streaming(server.grpc_url, args) if args.stream else None
     rows = print_table(cases)
     one_second = {r["variant"]: r for r in rows if r["seconds"] == 1 and r["batch"] == 1}
     added = {v: 1000 * (r["median_s"]["triton"] - r["median_s"]["in-process"]) for v, r in one_second.items()}
@@ -282,6 +320,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         q = report["int8"]
         print(f"int8 vocoder (opt-in, mel 10 s): {q['speedup']:.2f}x the fp32 speed, "
               f"max abs error {q['max_abs_error']:.3g}, SNR {q['snr_db']:.1f} dB vs fp32")
+    if streaming is not None:
+        report["streaming"] = streaming
+        stream_bench.print_report(streaming)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     plot(rows, args.out / "bench.png")
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")

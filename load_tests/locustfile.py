@@ -10,6 +10,14 @@ Each request is reported to Locust as ``request_type="grpc"``, ``name=<path>``, 
 of Locust's statistics, the audio seconds produced per wall second are logged at test stop and written,
 with the final per-path latencies, next to the CSV files (``<csv prefix>_summary.json`` and ``.csv``).
 
+Streaming paths (``vocos_mel_stream``, ``decode_codes_stream``; see :class:`StreamUser`) run one sequence
+per task over a gRPC stream: ``<model>`` sends the whole clip as one request, ``<model>_paced`` sends it
+in 10-frame chunks at twice real time (as a TTS model would emit them), ``<model>_abandoned`` sends paced
+chunks and cancels the stream after its first audio piece (a listener who hangs up). Each stream is
+reported as ``request_type="stream"`` (whole-stream time, samples), plus its time to first audio
+(``"ttfa"``), its largest gap between audio pieces (``"max_gap"``) and, paced, each chunk's latency from
+its send to the last response it caused (``"chunk_audio"``), as Locust statistics of their own.
+
 Inputs are real speech (espeak-ng, :func:`vocos_triton.speech.speech_clip`) of 1–15 s, made once at
 start-up; the log-mels for ``vocos_mel`` come from the server's own ``mel_features`` model, so this
 process needs no torch.
@@ -35,18 +43,24 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
+import gevent  # noqa: E402
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 from locust.runners import MasterRunner  # noqa: E402
+from locust.stats import StatsEntry  # noqa: E402
 
+from vocos_client._stream import Event, StreamSession  # noqa: E402
 from vocos_triton.contract import (  # noqa: E402
     BANDWIDTHS,
     CODEBOOK_SIZE,
     CODEBOOKS,
+    ENCODEC_HOP,
     ENTRY_MODELS,
+    MEL_HOP,
     SAMPLE_RATE,
+    STREAM_MODELS,
     Model,
     Tensor,
     encodec_frames,
@@ -58,9 +72,27 @@ from vocos_triton.speech import speech_clip  # noqa: E402
 
 log = logging.getLogger("vocos_load_test")
 
-PATHS = tuple(ENTRY_MODELS.values())
-DEFAULT_PATHS = ",".join(PATHS)
+OFFLINE_PATHS = tuple(ENTRY_MODELS.values())
+#: The ways a streaming user drives its model (see the module docstring), by path suffix.
+STREAM_MODES = {"": "whole", "_paced": "paced", "_abandoned": "abandoned"}
+#: Streaming path -> (input kind, mode): vocos_mel_stream, vocos_mel_stream_paced, ...
+STREAM_PATHS: Dict[str, Tuple[str, str]] = {
+    model + suffix: (kind, mode) for kind, model in STREAM_MODELS.items() for suffix, mode in STREAM_MODES.items()}
+PATHS = OFFLINE_PATHS + tuple(STREAM_PATHS)
+DEFAULT_PATHS = ",".join(OFFLINE_PATHS)
 OUTPUT = Tensor.WAVEFORM
+#: Paced streams: chunks of this many frames, sent this many times faster than real time.
+PACED_CHUNK_FRAMES = 10
+PACED_SPEED = 2.0
+#: An abandoning user waits this long before its next stream (its abandoned sequences hold server slots
+#: until the server sees the cancellation or drops them idle).
+ABANDON_PAUSE_S = 2.0
+#: Locust request types: one per path kind, and the streaming statistics of their own.
+GRPC, STREAM, TTFA, MAX_GAP, CHUNK_AUDIO = "grpc", "stream", "ttfa", "max_gap", "chunk_audio"
+
+
+def request_type(path: str) -> str:
+    return STREAM if path in STREAM_PATHS else GRPC
 
 
 class BadResponse(AssertionError):
@@ -161,15 +193,44 @@ class PreparedRequest:
     expected_samples: int
 
 
+@dataclass(frozen=True)
+class StreamInput:
+    """One streaming input: its request tensors cut into chunks (whole: one chunk) and the audio it makes."""
+
+    model: str
+    chunks: List[Dict[str, np.ndarray]]
+    chunk_seconds: List[float]  # audio seconds of each chunk's frames (the pace of a paced stream)
+    expected_samples: int
+
+
 @dataclass
 class RequestPool:
     """Ready-to-send requests per path, drawn at random by the users."""
 
     requests: Dict[str, List[PreparedRequest]] = field(default_factory=dict)
+    streams: Dict[str, List[StreamInput]] = field(default_factory=dict)
     input_seconds: List[float] = field(default_factory=list)
 
     def pick(self, path: str, rng: random.Random) -> PreparedRequest:
         return rng.choice(self.requests[path])
+
+    def pick_stream(self, path: str, rng: random.Random) -> StreamInput:
+        return rng.choice(self.streams[path])
+
+
+def stream_input(kind: str, array: np.ndarray, bandwidth: Optional[np.ndarray], mode: str) -> StreamInput:
+    """``array`` (C, T) as the chunk tensors of one stream (batch dimension added)."""
+    frames = array.shape[1]
+    step = frames if mode == "whole" else PACED_CHUNK_FRAMES
+    hop = MEL_HOP if kind == "mel" else ENCODEC_HOP
+    chunks, seconds = [], []
+    for start in range(0, frames, step):
+        piece = np.ascontiguousarray(array[None, :, start:start + step])
+        tensors = {Tensor.MEL: piece} if kind == "mel" else {Tensor.CODES: piece, Tensor.BANDWIDTH: bandwidth[None]}
+        chunks.append(tensors)
+        seconds.append(piece.shape[2] * hop / SAMPLE_RATE)
+    expected = mel_waveform_samples(frames) if kind == "mel" else encodec_waveform_samples(frames)
+    return StreamInput(STREAM_MODELS[kind], chunks, seconds, expected)
 
 
 def build_pool(url: str, paths: Sequence[str], pool_size: int, min_seconds: float, max_seconds: float,
@@ -181,23 +242,37 @@ def build_pool(url: str, paths: Sequence[str], pool_size: int, min_seconds: floa
     clips = [speech_clip(length, seed=seed + index) for index, length in enumerate(lengths)]
     client = GeventSafeClient(url)
     try:
-        wanted = set(paths) | ({Model.MEL_FEATURES} if Model.VOCOS_MEL in paths else set())
+        stream_paths = [path for path in paths if path in STREAM_PATHS]
+        need_mel = Model.VOCOS_MEL in paths or any(STREAM_PATHS[p][0] == "mel" for p in stream_paths)
+        wanted = {p for p in paths if p not in STREAM_PATHS} | {STREAM_MODELS[STREAM_PATHS[p][0]] for p in stream_paths}
+        wanted |= {Model.MEL_FEATURES} if need_mel else set()
         for model in sorted(wanted):
             if not client.is_model_ready(model, client_timeout=timeout_s):
                 raise RuntimeError(f"{url}: model {model} is not ready (is the repository built and loaded?)")
         rng = np.random.default_rng(seed + 1)
         bandwidth_inputs = {b: np.array([b], dtype=np.float32) for b in BANDWIDTHS}
-        pool = RequestPool({path: [] for path in paths})
+        pool = RequestPool({path: [] for path in paths if path not in STREAM_PATHS},
+                           {path: [] for path in stream_paths})
         for audio in clips:
             length = audio.shape[0]
             pool.input_seconds.append(length / SAMPLE_RATE)
-            if Model.VOCOS_MEL in paths:
+            if need_mel:
                 result = client.infer(Model.MEL_FEATURES, make_inputs(audio=audio), client_timeout=timeout_s)
                 mel = np.ascontiguousarray(result.as_numpy(Tensor.MEL)[0], dtype=np.float32)
                 if mel.shape != (100, mel_frames(length)):
                     raise RuntimeError(f"mel_features returned shape {mel.shape} for {length} samples")
+            if Model.VOCOS_MEL in paths:
                 pool.requests[Model.VOCOS_MEL].append(
                     PreparedRequest(make_inputs(mel=mel), mel_waveform_samples(mel.shape[1])))
+            for path in stream_paths:
+                kind, mode = STREAM_PATHS[path]
+                if kind == "mel":
+                    pool.streams[path].append(stream_input(kind, mel, None, mode))
+                else:  # one bandwidth per clip, in turn: every K is exercised
+                    index = len(pool.streams[path]) % len(BANDWIDTHS)
+                    codes = rng.integers(0, CODEBOOK_SIZE, size=(CODEBOOKS[index], encodec_frames(length)),
+                                         dtype=np.int64)
+                    pool.streams[path].append(stream_input(kind, codes, bandwidth_inputs[BANDWIDTHS[index]], mode))
             if Model.RESYNTHESIZE_MEL in paths:
                 pool.requests[Model.RESYNTHESIZE_MEL].append(
                     PreparedRequest(make_inputs(audio=audio), mel_waveform_samples(mel_frames(length))))
@@ -226,7 +301,7 @@ def _add_arguments(parser) -> None:
     group = parser.add_argument_group("Vocos on Triton")
     group.add_argument("--paths", default=DEFAULT_PATHS, env_var="LOCUST_PATHS",
                        help="serving paths to load, optionally weighted: 'vocos_mel:3,decode_codes' "
-                            f"(default: all four, equal weights; paths: {DEFAULT_PATHS})")
+                            f"(default: the four offline ones, equal weights; all: {', '.join(PATHS)})")
     group.add_argument("--request-timeout", type=float, default=60.0, env_var="LOCUST_REQUEST_TIMEOUT",
                        help="per-request gRPC deadline in seconds; a late answer counts as a failure (default 60)")
     group.add_argument("--think-time", type=float, default=0.0, env_var="LOCUST_THINK_TIME",
@@ -329,7 +404,111 @@ class ResynthesizeEncodecUser(TritonPathUser):
     path = Model.RESYNTHESIZE_ENCODEC
 
 
-USER_CLASSES = {cls.path: cls for cls in (VocosMelUser, ResynthesizeMelUser, DecodeCodesUser, ResynthesizeEncodecUser)}
+class StreamUser(User):
+    """One client streaming sequences back to back: ``vocos_mel_stream`` or ``decode_codes_stream``, whole,
+    paced or abandoned (the path's suffix). A gRPC channel of its own; each stream is one call on it."""
+
+    abstract = True
+    path: str = ""
+
+    wait_time = TritonPathUser.wait_time
+
+    def on_start(self) -> None:
+        self.client = GeventSafeClient(STATE.url)
+        self.rng = random.Random(STATE.seed * 1_000_003 + next(STATE.users_started))
+        self.kind, self.mode = STREAM_PATHS[self.path]
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    def fire(self, kind: str, milliseconds: float, length: int = 0, exception: Optional[BaseException] = None) -> None:
+        self.environment.events.request.fire(request_type=kind, name=self.path, response_time=milliseconds,
+                                             response_length=length, exception=exception, context={})
+
+    @task
+    def stream(self) -> None:
+        assert STATE.pool is not None, "the request pool is built by the init listener"
+        item = STATE.pool.pick_stream(self.path, self.rng)
+        session = StreamSession(self.client, item.model, timeout=STATE.timeout_s)
+        feeder = None
+        started = time.perf_counter()
+        first: Optional[float] = None
+        finals: List[float] = []
+        samples, largest_gap, last = 0, 0.0, None
+        try:
+            if self.mode == "whole":
+                session.send(item.chunks[0], end=True)
+            else:
+                feeder = gevent.spawn(self.pace, session, item)
+            for event in session.events():
+                samples += self.receive(event, finals)
+                if event.piece.size:
+                    if first is None:
+                        first = event.time
+                        if self.mode == "abandoned":
+                            break
+                    elif last is not None:
+                        largest_gap = max(largest_gap, event.time - last)
+                    last = event.time
+            if feeder is not None and self.mode != "abandoned":
+                feeder.get()  # re-raises the feeder's exception, if any
+            if self.mode != "abandoned" and samples != item.expected_samples:
+                raise BadResponse(f"{self.path}: expected {item.expected_samples} samples, got {samples}")
+            if first is None:
+                raise BadResponse(f"{self.path}: no audio came back")
+        except Exception as exc:  # every failure is Locust's to count, never the user greenlet's death
+            session.cancel()
+            if feeder is not None:
+                feeder.kill()
+            self.fire(STREAM, (time.perf_counter() - started) * 1000.0, exception=exc)
+            return
+        finally:
+            session.close()  # a complete stream: nothing; an abandoned one: cancelled here
+        elapsed = (time.perf_counter() - started) * 1000.0
+        if feeder is not None:
+            feeder.kill()
+        self.fire(STREAM, elapsed, samples)
+        self.fire(TTFA, (first - session.send_times[0]) * 1000.0)
+        if self.mode != "abandoned":
+            self.fire(MAX_GAP, largest_gap * 1000.0)
+        if self.mode == "paced":
+            for sent, answered in zip(session.send_times, finals):
+                self.fire(CHUNK_AUDIO, (answered - sent) * 1000.0)
+        if self.mode == "abandoned":
+            gevent.sleep(ABANDON_PAUSE_S)
+
+    def receive(self, event: Event, finals: List[float]) -> int:
+        if event.final:
+            finals.append(event.time)
+        if event.piece.size and not np.isfinite(event.piece).all():
+            raise BadResponse(f"{self.path}: a waveform piece has NaN/Inf")
+        return int(event.piece.size)
+
+    @staticmethod
+    def pace(session: StreamSession, item: StreamInput) -> None:
+        """Send the chunks as a TTS model running at PACED_SPEED x real time would emit them."""
+        began = time.perf_counter()
+        due = 0.0
+        for index, chunk in enumerate(item.chunks):
+            delay = began + due - time.perf_counter()
+            if delay > 0:
+                gevent.sleep(delay)
+            session.send(chunk, end=index == len(item.chunks) - 1)
+            due += item.chunk_seconds[index] / PACED_SPEED
+
+
+def _stream_user(path: str) -> type:
+    kind, mode = STREAM_PATHS[path]
+    doc = f"``{path}``: {kind} streamed {mode} (see :class:`StreamUser`)."
+    name = "".join(part.title() for part in path.split("_")) + "User"
+    return type(name, (StreamUser,), {"path": path, "__doc__": doc, "__module__": __name__})
+
+
+STREAM_USERS = [_stream_user(path) for path in STREAM_PATHS]
+globals().update({cls.__name__: cls for cls in STREAM_USERS})  # Locust finds user classes among the module's names
+
+USER_CLASSES = {cls.path: cls for cls in (VocosMelUser, ResynthesizeMelUser, DecodeCodesUser, ResynthesizeEncodecUser,
+                                          *STREAM_USERS)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -382,9 +561,34 @@ def run_summary(environment: Environment, wall_seconds: float) -> List[dict]:
     Rates are over the whole run, ramp-up included.
     """
     # Every selected path gets a row, also one that completed no request (its absence would hide it).
-    selected = [path for path in PATHS if path in STATE.paths or (path, "grpc") in environment.stats.entries]
-    rows = [_summary_row(path, environment.stats.get(path, "grpc"), wall_seconds) for path in selected]
-    rows.append(_summary_row("Aggregated", environment.stats.total, wall_seconds))
+    entries = environment.stats.entries
+    selected = [path for path in PATHS if path in STATE.paths or (path, request_type(path)) in entries]
+    rows = [_summary_row(path, environment.stats.get(path, request_type(path)), wall_seconds) for path in selected]
+    # Locust's own total also counts the streaming statistics (ttfa, max_gap, ...): one per stream, not requests.
+    total = StatsEntry(environment.stats, "Aggregated", "", use_response_times_cache=False)
+    for path in selected:
+        total.extend(environment.stats.get(path, request_type(path)))
+    rows.append(_summary_row("Aggregated", total, wall_seconds))
+    return rows
+
+
+def _percentiles(entry) -> Optional[dict]:
+    if entry is None or entry.num_requests == 0:
+        return None
+    return {"count": entry.num_requests, "p50_ms": entry.get_response_time_percentile(0.50),
+            "p95_ms": entry.get_response_time_percentile(0.95), "p99_ms": entry.get_response_time_percentile(0.99),
+            "max_ms": round(entry.max_response_time or 0, 1)}
+
+
+def streaming_summary(environment: Environment) -> List[dict]:
+    """Per streaming path: time to first audio, largest gap between pieces and (paced) chunk latency."""
+    entries = environment.stats.entries
+    rows = []
+    for path in STREAM_PATHS:
+        if path not in STATE.paths and (path, STREAM) not in entries:
+            continue
+        rows.append({"path": path, "mode": STREAM_PATHS[path][1],
+                     **{kind: _percentiles(entries.get((path, kind))) for kind in (TTFA, MAX_GAP, CHUNK_AUDIO)}})
     return rows
 
 
@@ -433,7 +637,8 @@ def _on_test_stop(environment: Environment, **_kwargs) -> None:
         target = Path(prefix)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.with_name(target.name + ".json").write_text(json.dumps(
-            {"wall_seconds": round(wall_seconds, 3), "sample_rate": SAMPLE_RATE, "paths": rows}, indent=2) + "\n")
+            {"wall_seconds": round(wall_seconds, 3), "sample_rate": SAMPLE_RATE, "paths": rows,
+             "streaming": streaming_summary(environment)}, indent=2) + "\n")
         with open(target.with_name(target.name + ".csv"), "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 
 import psutil
 
-from vocos_triton.contract import ENTRY_MODELS
+from vocos_triton.contract import ENTRY_MODELS, STREAM_MODELS, Model
 from vocos_triton.launcher.memory import process_tree_pss
 from vocos_triton.launcher.server import DEFAULT_BUILD_DIR, LaunchError, ServerOptions, TritonServer, free_port
 
@@ -49,6 +49,22 @@ PROJECT_ROOT = HERE.parent
 LOCUSTFILE = HERE / "locustfile.py"
 MIB = 1 << 20
 ALL_PATHS = ",".join(ENTRY_MODELS.values())
+_MEL_STREAM, _CODES_STREAM = STREAM_MODELS["mel"], STREAM_MODELS["codes"]
+#: Named mixes for --paths. "mixed": the soak of issue 13, offline and streaming users side by side, with
+#: streams sent whole, paced at twice real time, and abandoned after their first audio (12 users: one each
+#: for the weight-1 paths, two for the weight-2 ones).
+PRESETS = {
+    "mixed": ",".join([
+        f"{Model.VOCOS_MEL}:2", f"{Model.DECODE_CODES}:2", Model.RESYNTHESIZE_MEL, Model.RESYNTHESIZE_ENCODEC,
+        f"{_MEL_STREAM}:2", f"{_MEL_STREAM}_paced:2", _CODES_STREAM, f"{_CODES_STREAM}_paced",
+        f"{_MEL_STREAM}_abandoned",
+    ]),
+}
+
+
+def expand_paths(spec: str) -> str:
+    """A preset name (``mixed``) as its path list; anything else as given."""
+    return PRESETS.get(spec.strip(), spec)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,9 +145,10 @@ def parse_duration(text: str) -> float:
 
 
 def locust_command(url: str, args: argparse.Namespace, results: Path) -> List[str]:
-    """The headless Locust command line; this environment's ``locust`` (its gevent and tritonclient)."""
-    binary = Path(sys.executable).parent / "locust"
-    base = [str(binary)] if binary.exists() else [sys.executable, "-m", "locust"]
+    """The headless Locust command line, run by this very interpreter (``python -m locust``): the ``locust``
+    script next to it may carry another environment's shebang (a copied venv), and then imports another
+    checkout's code."""
+    base = [sys.executable, "-m", "locust"]
     return base + [
         "-f", str(LOCUSTFILE), "--headless",
         "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{int(round(args.duration))}s",
@@ -220,14 +237,37 @@ def read_summary(results: Path) -> List[dict]:
     return rows
 
 
+def read_streaming(results: Path) -> List[dict]:
+    """The locustfile's streaming statistics per streaming path (time to first audio, largest gap, chunk
+    latency); empty when no streaming path ran."""
+    summary = results / "locust_summary.json"
+    if not summary.exists():
+        return []
+    return json.loads(summary.read_text()).get("streaming", [])
+
+
+def format_streaming_table(rows: List[dict]) -> str:
+    """One line per streaming path and statistic: count, p50/p95/p99 and max in ms."""
+    header = (f"{'stream path':<30} {'statistic':<12} {'count':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+              f"{'max ms':>8}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        for statistic in ("ttfa", "max_gap", "chunk_audio"):
+            stats = row.get(statistic)
+            if stats:
+                lines.append(f"{row['path']:<30} {statistic:<12} {stats['count']:>7} {stats['p50_ms']:>8.0f} "
+                             f"{stats['p95_ms']:>8.0f} {stats['p99_ms']:>8.0f} {stats['max_ms']:>8.0f}")
+    return "\n".join(lines)
+
+
 def format_table(rows: List[dict]) -> str:
-    header = (f"{'path':<22} {'requests':>8} {'failures':>8} {'RPS':>7} {'p50 ms':>8} {'p95 ms':>8} "
+    header = (f"{'path':<28} {'requests':>8} {'failures':>8} {'RPS':>7} {'p50 ms':>8} {'p95 ms':>8} "
               f"{'p99 ms':>8} {'audio-s/s':>10}")
     lines = [header, "-" * len(header)]
     for row in rows:
         if row["path"] == "Aggregated":
             lines.append("-" * len(header))
-        lines.append(f"{row['path']:<22} {row['requests']:>8} {row['failures']:>8} {row['rps']:>7.2f} "
+        lines.append(f"{row['path']:<28} {row['requests']:>8} {row['failures']:>8} {row['rps']:>7.2f} "
                      f"{row['p50_ms']:>8.0f} {row['p95_ms']:>8.0f} {row['p99_ms']:>8.0f} "
                      f"{row['audio_s_per_s']:>10.2f}")
     return "\n".join(lines)
@@ -280,6 +320,7 @@ class LoadTestResult:
     exit_code: int
     rows: List[dict]
     memory: MemoryReport
+    streaming: List[dict] = field(default_factory=list)
 
 
 def run(args: argparse.Namespace) -> LoadTestResult:
@@ -329,6 +370,7 @@ def run(args: argparse.Namespace) -> LoadTestResult:
             server.stop()
 
     rows = read_summary(results)
+    streaming = read_streaming(results)
     aggregated = next((r for r in rows if r["path"] == "Aggregated"), None)
     idle_paths = [r["path"] for r in rows if r["path"] != "Aggregated" and r["requests"] == 0]
     for path in idle_paths:
@@ -338,9 +380,10 @@ def run(args: argparse.Namespace) -> LoadTestResult:
     (results / "memory.json").write_text(json.dumps(asdict(memory), indent=2) + "\n")
     (results / "summary.json").write_text(json.dumps({
         "url": url, "users": args.users, "spawn_rate": args.spawn_rate, "duration_s": args.duration,
-        "paths": args.paths, "locust_exit_code": locust_code, "rows": rows, "memory": asdict(memory),
+        "paths": args.paths, "locust_exit_code": locust_code, "rows": rows, "streaming": streaming,
+        "memory": asdict(memory),
     }, indent=2) + "\n")
-    return LoadTestResult(results, 1 if failed else 0, rows, memory)
+    return LoadTestResult(results, 1 if failed else 0, rows, memory, streaming)
 
 
 def print_summary(result: LoadTestResult, args: argparse.Namespace) -> None:
@@ -350,6 +393,10 @@ def print_summary(result: LoadTestResult, args: argparse.Namespace) -> None:
         print(format_table(result.rows))
     else:
         print("no Locust statistics were written (see locust.log)")
+    if result.streaming:
+        print("streams: time to first audio (ttfa), largest gap between audio pieces (max_gap), paced chunk -> "
+              "its audio (chunk_audio)")
+        print(format_streaming_table(result.streaming))
     print(result.memory.text())
     if result.memory.per_process_end:
         top = sorted(result.memory.per_process_end.items(), key=lambda item: -item[1])
@@ -367,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", "-t", type=parse_duration, default=parse_duration("60s"),
                         help="run time, Locust syntax: 60s, 10m (default 60s)")
     parser.add_argument("--paths", default=ALL_PATHS,
-                        help=f"paths with optional weights, e.g. 'vocos_mel:3,decode_codes' (default {ALL_PATHS})")
+                        help=f"paths with optional weights, e.g. 'vocos_mel:3,decode_codes' (default {ALL_PATHS}); "
+                             f"streaming: {_MEL_STREAM}, {_CODES_STREAM}, each also _paced and _abandoned; or a "
+                             f"preset: {', '.join(PRESETS)} ({PRESETS['mixed']})")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="per-request deadline, s (default 60)")
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "results",
                         help="parent of the timestamped results folder (default results/)")
@@ -392,6 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.locust_args and args.locust_args[0] == "--":
         args.locust_args = args.locust_args[1:]
+    args.paths = expand_paths(args.paths)
     if args.users < 1 or args.spawn_rate <= 0 or args.duration <= 0:
         parser.error("--users, --spawn-rate and --duration must be positive")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")

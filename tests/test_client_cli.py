@@ -1,6 +1,7 @@
 """``vocos-client`` against a real tritonserver: wav/npy in, 24 kHz wav out, errors in one line."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,49 @@ def test_server_down_exits_3_from_the_installed_script(tmp_path):
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("vocos-client: error: ") and "2 attempts" in lines[0], run.stderr
     assert not (tmp_path / "out.wav").exists()
+
+
+# -- --stream: progressive wav, time to first audio ------------------------------------------------------
+@pytest.mark.parametrize("chunk_frames", [None, 7])
+def test_stream_mel_and_codes_write_the_same_audio_as_offline(triton, capsys, tmp_path, reference_mel, speech_1s,
+                                                              chunk_frames):
+    mel = ref.mel_features(reference_mel, speech_1s)
+    codes = np.random.default_rng(0).integers(0, 1024, size=(4, 60)).astype(np.int16)  # 3 kbps from K
+    np.save(tmp_path / "mel.npy", mel)
+    np.save(tmp_path / "codes.npy", codes)
+    extra = [] if chunk_frames is None else ["--chunk-frames", str(chunk_frames)]
+    for command, source in (("mel", "mel.npy"), ("codes", "codes.npy")):
+        code, out, err = run_cli(capsys, "--url", triton.grpc_url, command, tmp_path / source, "-o",
+                                 tmp_path / "streamed", "--stream", *extra)
+        assert code == 0, err
+        assert out.split() == [str(tmp_path / "streamed" / f"{Path(source).stem}.wav")]
+        # one line per input: the time to first audio and how much audio came in how long
+        assert re.fullmatch(rf"{re.escape(str(tmp_path / source))}: first audio after \d+\.\d ms; "
+                            r"\d+\.\d\d s of audio in \d+\.\d\d s\n", err), err
+        code, _, err = run_cli(capsys, "--url", triton.grpc_url, "-q", command, tmp_path / source, "-o",
+                               tmp_path / "offline")
+        assert code == 0, err
+        streamed = read_24k(tmp_path / "streamed" / f"{Path(source).stem}.wav")
+        assert ref.max_error(streamed, read_24k(tmp_path / "offline" / f"{Path(source).stem}.wav")) <= 1e-5
+
+
+def test_stream_failure_leaves_no_partial_file(triton, capsys, tmp_path):
+    good = np.random.default_rng(1).standard_normal((100, 300)).astype(np.float32)
+    bad = good.copy()
+    bad[3, 200] = np.nan  # in the fourth 64-frame chunk: found before sending, named as the server would
+    np.save(tmp_path / "good.npy", good)
+    np.save(tmp_path / "bad.npy", bad)
+    code, out, err = run_cli(capsys, "--url", triton.grpc_url, "mel", tmp_path / "good.npy", tmp_path / "bad.npy",
+                             "-o", tmp_path / "out", "--stream", "--chunk-frames", "64", "--subtype", "PCM_16")
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1] == (f"vocos-client: error: {tmp_path / 'bad.npy'}: mel: expected finite values, "
+                                    "got NaN at index [3, 8]")
+    assert sf.info(tmp_path / "out" / "good.wav").frames == 299 * 256  # inputs before the failure are kept
+    assert not (tmp_path / "out" / "bad.wav").exists()
+
+
+def test_chunk_frames_needs_stream(capsys, tmp_path):
+    np.save(tmp_path / "mel.npy", np.zeros((100, 5), np.float32))
+    code, _, err = run_cli(capsys, "--url", f"127.0.0.1:{free_port()}", "mel", tmp_path / "mel.npy", "-o",
+                           tmp_path / "x.wav", "--chunk-frames", "4")
+    assert code == 2 and "--chunk-frames applies only with --stream" in err

@@ -7,6 +7,8 @@
 ...     y = vc.synthesize(audio=x, sample_rate=16000, bandwidth=6.0)   # EnCodec resynthesis
 ...     y = vc.synthesize(codes=codes)                                 # (8, T) codes -> 6 kbps
 ...     ys = vc.synthesize_batch(mels)                                 # concurrent -> server-side batches
+...     for piece in vc.stream(mel=chunks):                            # streaming: an array, or chunks as
+...         play(piece)                                                # they are made; exact pieces, in order
 
 Every result is float32 mono audio of shape (samples,) at ``vc.sample_rate`` (24000). Needs numpy,
 tritonclient[grpc], soxr (resampling), and for the CLI soundfile and tqdm; never torch.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -22,6 +22,7 @@ from ._common import (
 )
 from ._errors import ServerUnavailableError, VocosError, from_triton
 from ._inputs import OUTPUT, ArrayLike, Request
+from ._stream import ChunkSource, astream, plan
 
 log = logging.getLogger("vocos_client")
 
@@ -168,3 +169,20 @@ class AsyncVocosClient(ClientBase):
                 if delay is None:
                     raise attempts.give_up(error) from exc
                 await asyncio.sleep(delay)
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def stream(
+        self,
+        *,
+        mel: Optional[ChunkSource] = None,
+        codes: Optional[ChunkSource] = None,
+        bandwidth: Optional[float] = None,
+        chunk_frames: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> AsyncIterator[np.ndarray]:
+        """See :meth:`VocosClient.stream`: an async generator of float32 pieces (``async for piece in
+        client.stream(mel=chunks)``). Chunks may come from an async iterable (pulled by a task, so that
+        producing and receiving overlap) or a plain one (pulled in the event loop: keep its ``next()``
+        quick). ``aclose()``, a ``break`` or the task's cancellation cancels the gRPC stream."""
+        stream_plan = plan(self._options, mel=mel, codes=codes, bandwidth=bandwidth, chunk_frames=chunk_frames)
+        return astream(self._triton, self._options, stream_plan, timeout)

@@ -5,7 +5,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -23,6 +23,7 @@ from ._common import (
 )
 from ._errors import ServerUnavailableError, VocosError, from_triton
 from ._inputs import OUTPUT, ArrayLike, Request
+from ._stream import ChunkSource, plan, stream
 
 log = logging.getLogger("vocos_client")
 
@@ -215,3 +216,45 @@ class VocosClient(ClientBase):
                 if delay is None:
                     raise attempts.give_up(error) from exc
                 time.sleep(delay)
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def stream(
+        self,
+        *,
+        mel: Optional[ChunkSource] = None,
+        codes: Optional[ChunkSource] = None,
+        bandwidth: Optional[float] = None,
+        chunk_frames: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> Iterator[np.ndarray]:
+        """Stream audio as features arrive: an iterator of float32 (samples,) pieces at 24 kHz, in order.
+
+        The pieces, concatenated, equal :meth:`synthesize` of the concatenated input (exactly: the server
+        releases a sample once every frame it depends on has arrived, 29 frames of lookahead). Give one of:
+
+        * ``mel``: (100, T) log-mel frames (models ``vocos_mel_stream``), or
+        * ``codes``: (K, T) EnCodec codes, K = 2/4/8/16, with ``bandwidth`` (kbps; inferred from K when
+          left out, the same for the whole stream) (``decode_codes_stream``),
+
+        each either as a whole array (numpy, or anything with ``__array__`` such as a CPU torch tensor; sent
+        as one request, or in ``chunk_frames`` chunks) or as an iterable of chunks (arrays of T_i >= 1
+        frames; a list is a list of chunks), consumed as it is produced: the TTS case, e.g. a
+        generator that runs the acoustic model. Each chunk is checked and sent as soon as it comes (a
+        background thread pulls the iterable, so producing and receiving overlap; the chunk's last frame
+        waits for the next chunk, because the last request must carry a frame and mark the end).
+
+        Closing the iterator early (``break``, ``close()``, an exception in the producer or the caller)
+        cancels the gRPC stream, which ends the sequence on the server and frees its state. ``timeout``
+        (default: the client's) bounds the whole stream.
+
+        Raises (while iterating):
+            InvalidInputError: a chunk breaks the contract (checked locally before it is sent, with the
+                server's words, or refused by the server), or the whole stream is longer than
+                ``max_seconds`` or shorter than the offline minimum (2 mel frames).
+            ServerUnavailableError: the server stayed busy or unreachable at the start of the stream
+                (retried with the client's backoff while no audio had come back; never later).
+            DeadlineExceededError: ``timeout`` ran out.
+            ServerError: any other server failure.
+        """
+        stream_plan = plan(self._options, mel=mel, codes=codes, bandwidth=bandwidth, chunk_frames=chunk_frames)
+        return stream(self._triton(), self._options, stream_plan, timeout)

@@ -252,6 +252,20 @@ def check_code_values(codes: np.ndarray, tensor: str = Tensor.CODES) -> None:
         )
 
 
+def check_sequence_total(tensor: str, total: int, max_frames: int, max_seconds: float) -> None:
+    """A stream's frames so far, this chunk included: the chunk that takes it past the limit is refused."""
+    if total > max_frames:
+        raise InvalidInput(tensor, f"expected at most {max_frames} frames ({max_seconds:g} s) in a sequence, "
+                                   f"this chunk brings it to {total}; end the stream and start another, "
+                                   "nothing is truncated")
+
+
+def check_sequence_end(tensor: str, total: int, min_frames: int) -> None:
+    """A stream's frames at its end must reach the offline model's minimum."""
+    if total < min_frames:
+        raise InvalidInput(tensor, f"expected at least {min_frames} frames in a sequence, it ended with {total}")
+
+
 def validate_bandwidth_id(value: np.ndarray, tensor: str = Tensor.BANDWIDTH_ID) -> int:
     """A bandwidth id in 0..3 (the index into :data:`BANDWIDTHS`)."""
     flat = np.asarray(value).reshape(-1)
