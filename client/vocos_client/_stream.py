@@ -84,6 +84,11 @@ STREAM_MODELS = c.STREAM_MODELS
 ChunkSource = Union[np.ndarray, Iterable[Any], AsyncIterable[Any]]
 
 _SENTINEL = object()
+#: Seconds a stream may wait for an answer while requests are outstanding before it gives up. The server
+#: answers each piece within milliseconds; tritonserver 2.51 never answers the open requests of a
+#: stub that died (the watchdog restores the model, but those requests are orphaned), so without this
+#: a stream whose stub was killed would wait for ever.
+STALL_TIMEOUT_S = 15.0
 
 
 def new_sequence_id() -> int:
@@ -423,6 +428,25 @@ class _Session:
         self._call: Any = None
         self.sequence = Sequence(model)
         self.send_times: List[float] = []  # perf_counter() at each send, by request index
+        self.stall_timeout_s = STALL_TIMEOUT_S
+        self._last_answer = time.perf_counter()
+        self._stalled = False
+
+    def _answered(self) -> None:
+        self._last_answer = time.perf_counter()
+
+    def _stalled_for(self) -> float:
+        """Seconds the stream has waited for an answer while a request was outstanding (0: none is)."""
+        if self.sequence.finals >= self.sequence.sent or not self.send_times:
+            return 0.0
+        oldest = self.send_times[min(self.sequence.finals, len(self.send_times) - 1)]
+        return time.perf_counter() - max(self._last_answer, oldest)
+
+    def _stall_error(self) -> ServerUnavailableError:
+        return ServerUnavailableError(
+            f"{self.model}: no answer for {self.stall_timeout_s:g} s while {self.sequence.sent - self.sequence.finals}"
+            " request(s) were waiting: the model's stub may have died (the server restores it); the stream is "
+            "cancelled, start a new one")
 
     def _remaining(self) -> Optional[float]:
         if self.attempts is not None:
@@ -470,20 +494,34 @@ class StreamSession(_Session):
             if end:
                 self._requests.close()
 
+    def _watch_stall(self) -> None:
+        """Cancel the call when it has waited :attr:`stall_timeout_s` for an answer (see STALL_TIMEOUT_S)."""
+        while not self._closed and not self.sequence.done:
+            if self._stalled_for() > self.stall_timeout_s:
+                self._stalled = True
+                if self._call is not None:
+                    self._call.cancel()
+                return
+            time.sleep(0.25)
+
     def events(self) -> Iterator[Event]:
         """The stream's responses in order, until the last request's final response."""
         self._opened.wait()
         if self._call is None:
             raise VocosError(f"{self.model}: the stream was cancelled before it started")
+        threading.Thread(target=self._watch_stall, name="vocos-stream-stall", daemon=True).start()
         while not self.sequence.done:
             try:
                 response = next(self._call)
+                self._answered()
             except StopIteration:
                 if self.sequence.done:
                     return
                 raise ServerError(f"{self.model}: the server ended the stream after {self.sequence.finals} of "
                                   f"{self.sequence.sent} requests were answered") from None
             except grpc.RpcError as exc:
+                if self._stalled:
+                    raise self._stall_error() from None
                 error = rpc_error(exc)
                 if self._retry(error):
                     continue
@@ -666,7 +704,7 @@ class AsyncStreamSession(_Session):
             raise VocosError(f"{self.model}: the stream was cancelled before it started")
         while not self.sequence.done:
             try:
-                response = await self._call.read()
+                response = await self._read()
             except grpc.RpcError as exc:
                 error = rpc_error(exc)
                 if await self._retry(error):
@@ -689,6 +727,20 @@ class AsyncStreamSession(_Session):
                 log.debug("%s: response after the last final one ignored", self.model)
         except grpc.RpcError as exc:
             log.debug("%s: stream ended after its last response with %s", self.model, rpc_error(exc))
+
+    async def _read(self) -> Any:
+        """The next response; gives up (cancelling the call) after :attr:`stall_timeout_s` without an
+        answer while a request is outstanding. The read itself is never cancelled while waiting."""
+        reading = asyncio.ensure_future(self._call.read())
+        while True:
+            done, _ = await asyncio.wait({reading}, timeout=0.25)
+            if done:
+                self._answered()
+                return reading.result()
+            if self._stalled_for() > self.stall_timeout_s:
+                self._call.cancel()
+                reading.cancel()
+                raise self._stall_error()
 
     async def _retry(self, error: VocosError) -> bool:
         if not self._may_retry(error):
