@@ -29,18 +29,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import checkpoints as ck
-from ..serving.codebooks import TABLE_FILE, CodebookTable
 from ..contract import BANDWIDTHS, CODEBOOKS, Model
 from ..modules.encoder import EncodecEncoder
 from ..modules.features import MelFeatures
+from ..modules.streaming import StreamingVocos, decode_in_chunks
+from ..modules.vocoder import BatchedVocos
 from ..paths import DEFAULT_REPOSITORY, template_repository
+from ..serving.codebooks import TABLE_FILE, CodebookTable
+from ..serving.torchscript import ARTIFACT  # the file the serving models load
+from . import checkpoints as ck
 from .quantize import fidelity, quantize_vocoder, set_quantized_engine
 from .random_checkpoints import WARNING as RANDOM_WARNING
 from .random_checkpoints import synthetic_voice, write_all
-from ..serving.torchscript import ARTIFACT  # the file the serving models load
-from ..modules.streaming import StreamingVocos, decode_in_chunks
-from ..modules.vocoder import BatchedVocos
 
 log = logging.getLogger("vocos_triton.build.export")
 
@@ -104,7 +104,7 @@ class ModuleArtifact(Artifact):
     #: None: must equal the reference to REFERENCE_TOLERANCE; else the least SNR (dB) an approximation needs
     min_snr_db: Optional[float] = None
 
-    def quantized(self) -> "ModuleArtifact":
+    def quantized(self) -> ModuleArtifact:
         """The opt-in int8 version of a vocoder artifact (see :mod:`vocos_triton.build.quantize`)."""
         set_quantized_engine()
         return replace(self, module=quantize_vocoder(self.module), min_snr_db=INT8_MIN_SNR_DB, precision="int8")
@@ -259,8 +259,9 @@ def script_and_verify(artifact: ModuleArtifact, freeze: bool = True) -> Tuple[to
     else:
         extra["min_snr_db_vs_reference"] = _snr_db(eager_out, artifact.probe)
         if extra["min_snr_db_vs_reference"] < artifact.min_snr_db:
-            raise ParityError(f"{artifact.name}: {artifact.precision} module has an SNR of "
-                              f"{extra['min_snr_db_vs_reference']:.1f} dB against the reference (< {artifact.min_snr_db})")
+            snr = extra["min_snr_db_vs_reference"]
+            raise ParityError(f"{artifact.name}: {artifact.precision} module has an SNR of {snr:.1f} dB against the "
+                              f"reference (< {artifact.min_snr_db})")
     scripted = torch.jit.script(module)
     if freeze:
         exported = [name for name in ("output_samples", "output_frames") if hasattr(module, name)]
