@@ -351,7 +351,8 @@ def _waveform(result: Any, model: str) -> np.ndarray:
 
 
 # Words of the in-band messages that mean "try again later" (the server's busy message, a model loading).
-_BUSY_WORDS = ("busy", "unavailable", "not ready")
+# the server busy, or the model restarting after its stub died (tritonserver 2.51's words)
+_BUSY_WORDS = ("busy", "unavailable", "not ready", "has no available versions", "is not healthy")
 # A request that breaks the sequence protocol: the models' messages about their control inputs, and
 # tritonserver's own for a sequence without START.
 _SEQUENCE_MISUSE = re.compile(r"^(?:START|END|CORRID): |must specify the START flag")
