@@ -129,9 +129,9 @@ def parse_duration(text: str) -> float:
 
 
 def locust_command(url: str, args: argparse.Namespace, results: Path) -> List[str]:
-    """The headless Locust command line; this environment's ``locust`` (its gevent and tritonclient)."""
-    binary = Path(sys.executable).parent / "locust"
-    base = [str(binary)] if binary.exists() else [sys.executable, "-m", "locust"]
+    """The headless Locust command line, run by this interpreter (its gevent, tritonclient and our packages):
+    not the ``locust`` script beside it, whose ``#!`` line may name another environment's python."""
+    base = [sys.executable, "-m", "locust"]
     return base + [
         "-f", str(LOCUSTFILE), "--headless",
         "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{int(round(args.duration))}s",
