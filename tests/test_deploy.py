@@ -1,17 +1,18 @@
 """The deployment bundle in deploy/: kustomize renders every overlay, the objects pass the Kubernetes
 API schemas (kubernetes-validate, pinned version), probes and Services point at the ports the launcher
 opens, the autoscaler's metric is the adapter's, and every metric the Grafana dashboard queries is one
-a live tritonserver (the session ``triton``) exports."""
+a live tritonserver exports: the session ``triton``, plus a small server with a decoupled model for the
+stream metric (``tests/assets/first_audio_probe``)."""
 from __future__ import annotations
 
 import json
+import queue
 import re
 import shutil
 import subprocess
 import urllib.request
-import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import numpy as np
 import pytest
@@ -19,7 +20,15 @@ import yaml
 
 from vocos_triton.contract import Model, Tensor
 from vocos_triton.launcher import metrics
-from vocos_triton.launcher.server import DEFAULT_METRICS_CONFIG, PROFILES, build_parser
+from vocos_triton.launcher.server import (
+    DEFAULT_METRICS_CONFIG,
+    PROFILES,
+    ServerOptions,
+    TritonServer,
+    build_parser,
+    free_port,
+)
+from vocos_triton.serving.metrics import FIRST_AUDIO
 
 import triton_helpers as th
 
@@ -35,8 +44,7 @@ KUBERNETES_VERSION = "1.32.0"
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 #: launcher flags another change adds (the admin/API key files); accepted here until the parser has them
 PENDING_FLAGS = {"--admin-key-file", "--api-key-file"}
-#: exported by tritonserver 2.51 only for decoupled (streaming) models
-DECOUPLED_ONLY = {"nv_inference_first_response_histogram_ms"}
+PROBE_MODEL = ROOT / "tests" / "assets" / "first_audio_probe"
 
 
 def test_every_overlay_is_there():
@@ -214,31 +222,58 @@ def test_dashboard_has_the_panels_users_need():
         assert wanted in titles
 
 
-def test_dashboard_queries_only_metrics_the_server_exports(triton, speech_1s):
-    # one request, so every per-model series and our audio counter have a value
-    client_inputs = th.make_inputs({Tensor.AUDIO: speech_1s})
+@pytest.fixture(scope="module")
+def stream_metrics_page(tmp_path_factory) -> Iterator[str]:
+    """/metrics of a server whose decoupled model answered three streaming requests."""
     import tritonclient.grpc as grpcclient
 
+    repository = tmp_path_factory.mktemp("probe-repository")
+    shutil.copytree(PROBE_MODEL, repository / PROBE_MODEL.name)
+    (repository / PROBE_MODEL.name / "1" / "model.pt").write_bytes(b"")  # the launcher wants an artifact
+    build = tmp_path_factory.mktemp("probe-build")
+    options = ServerOptions(model_repository=repository, grpc_port=free_port(), http_port=free_port(),
+                            metrics_port=free_port(), build_dir=build, exit_timeout_s=5, watchdog=False)
+    with TritonServer(options, log_file=build / "tritonserver.log") as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put(error))
+        x = grpcclient.InferInput("x", [4], "FP32")
+        x.set_data_from_numpy(np.ones(4, np.float32))
+        for _ in range(3):
+            client.async_stream_infer(PROBE_MODEL.name, [x])
+        assert [answers.get(timeout=60) for _ in range(3)] == [None, None, None]
+        client.stop_stream()
+        client.close()
+        yield metrics.scrape(server.metrics_url)
+
+
+def test_first_audio_histogram_is_a_prometheus_histogram(stream_metrics_page):
+    samples = metrics.parse(stream_metrics_page)
+    model = ("model", PROBE_MODEL.name)
+    buckets = {dict(labels)["le"]: value for (name, labels), value in samples.items()
+               if name == f"{FIRST_AUDIO}_bucket" and model in labels}
+    bounds = sorted(buckets, key=lambda le: float(le.replace("+Inf", "inf")))
+    counts = [buckets[le] for le in bounds]
+    assert bounds[-1] == "+Inf" and counts == sorted(counts)  # cumulative, as histogram_quantile wants
+    assert counts[-1] == 3 and buckets["0.025"] == 0          # three pieces, each 30 ms or more in
+    assert metrics.total(stream_metrics_page, f"{FIRST_AUDIO}_count", PROBE_MODEL.name) == 3
+    assert metrics.total(stream_metrics_page, f"{FIRST_AUDIO}_sum", PROBE_MODEL.name) >= 0.09
+
+
+def test_dashboard_queries_only_metrics_the_server_exports(triton, speech_1s, stream_metrics_page):
+    import tritonclient.grpc as grpcclient
+
+    # one request, so every per-model series and our audio counter have a value
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
-        assert client.infer(Model.RESYNTHESIZE_MEL, client_inputs, client_timeout=120).as_numpy(Tensor.WAVEFORM).size
-        decoupled = [m["name"] for m in client.get_model_repository_index(as_json=True)["models"]
-                     if client.get_model_config(m["name"], as_json=True)["config"]
-                     .get("model_transaction_policy", {}).get("decoupled")]
+        result = client.infer(Model.RESYNTHESIZE_MEL, th.make_inputs({Tensor.AUDIO: speech_1s}), client_timeout=120)
+        assert result.as_numpy(Tensor.WAVEFORM).size
     with urllib.request.urlopen(triton.metrics_url, timeout=10) as response:
         page = response.read().decode()
-    exported = metrics.families(page)
+    exported = metrics.families(page) | metrics.families(stream_metrics_page)
     wanted = queried_metrics(dashboard_queries())
     assert {"nv_inference_queue_duration_us", "nv_inference_request_success", "vocos_audio_seconds_total",
-            "nv_inference_request_summary_us", "nv_inference_first_response_histogram_ms_bucket"} <= wanted
-    missing = set()
-    for name in wanted - exported:
-        family = re.sub(r"_(bucket|sum|count)$", "", name)
-        if family in DECOUPLED_ONLY and not decoupled:
-            warnings.warn(f"{name}: not checked, tritonserver 2.51 exports it for decoupled models only and this "
-                          "repository has none", stacklevel=1)
-            continue
-        missing.add(name)
-    assert not missing, f"the dashboard queries metrics the server does not export: {sorted(missing)}"
+            "nv_inference_request_summary_us", f"{FIRST_AUDIO}_bucket"} <= wanted
+    assert not wanted - exported, f"the dashboard queries metrics the server does not export: {wanted - exported}"
     # the audio counter counts what was returned: 1 s in, (T-1)*256 samples out
     audio = metrics.total(page, "vocos_audio_seconds_total", Model.VOCOS_MEL)
     assert audio > 0.9 and np.isfinite(audio)

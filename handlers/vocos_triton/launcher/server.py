@@ -44,12 +44,12 @@ PROFILES = {"cpu": None, "gpu": "gpu"}  # profile -> --model-config-name (config
 #: a tritonserver installation to use instead of the wheel's (e.g. /opt/tritonserver in the NGC image)
 TRITONSERVER_ENV = "VOCOS_TRITONSERVER"
 
-#: tritonserver ``--metrics-config`` settings we serve with by default, both read by the Grafana
-#: dashboard in deploy/k8s: ``histogram_latencies`` adds ``nv_inference_first_response_histogram_ms``
-#: (time to first response; tritonserver 2.51 exports it for decoupled models only: time to first
-#: audio of a stream), ``summary_latencies`` adds ``nv_inference_request_summary_us`` (p50-p99 of
-#: request latency per model and replica).
-DEFAULT_METRICS_CONFIG = ("histogram_latencies=true", "summary_latencies=true")
+#: tritonserver ``--metrics-config`` settings we serve with by default: ``summary_latencies`` adds
+#: ``nv_inference_request_summary_us`` (p50-p99 of request latency per model and replica), which the
+#: Grafana dashboard in deploy/k8s reads. (``histogram_latencies`` and its first-response histogram
+#: came after 2.51, which ignores the setting: time to first audio is our own metric, see
+#: vocos_triton.serving.metrics.)
+DEFAULT_METRICS_CONFIG = ("summary_latencies=true",)
 
 
 class LaunchError(RuntimeError):
