@@ -70,6 +70,8 @@ def grpc_target(url: Endpoints) -> str:
     ``ipv4:``/``ipv6:`` target with every address, host names resolved once, here (use
     ``dns:///name:port`` for a name whose addresses change, e.g. a Kubernetes headless Service: gRPC's
     DNS resolver then re-resolves it when a connection drops). Target URIs pass through unchanged.
+    With TLS, prefer ``dns:///name:port``: the certificate is checked against the target's name, and
+    an address list has none.
     """
     if isinstance(url, str):
         text = url.strip()
