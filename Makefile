@@ -49,7 +49,7 @@ endif
 # read by vocos_triton.launcher.server (and so by the tests, the bench and the load test)
 export VOCOS_RUNTIME_PYTHON := $(RUNTIME_PYTHON)
 
-.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test bench bench-stream clean
+.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test cluster-test bench bench-stream clean
 
 install: $(INSTALLED)
 
@@ -67,12 +67,13 @@ $(RUNTIME_VENV)/.installed: pyproject.toml
 	$(RUNTIME_VENV)/bin/pip install --quiet $(RUNTIME_PIP_ARGS) '$(RUNTIME_TORCH)' -e '.[runtime]'
 	touch $@
 
-# espeak-ng makes the speech the tests, benchmarks and load tests use; sox for inspecting audio.
+# espeak-ng makes the speech the tests, benchmarks and load tests use; sox for inspecting audio;
+# nginx proxies gRPC to the replicas of the cluster test (run as a plain process, never as a service).
 system-deps:
-	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then \
-	  echo "installing espeak-ng and sox (Debian packages)"; \
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null; then \
+	  echo "installing espeak-ng, sox and nginx (Debian packages)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng sox >/dev/null; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng sox nginx >/dev/null; \
 	fi
 
 ifeq ($(RANDOM_WEIGHTS),1)
@@ -107,6 +108,12 @@ load-test: install runtime system-deps
 	$(PY) load_tests/run_load_test.py --repository $(REPOSITORY) --profile $(PROFILE) \
 	  --users $(LOAD_USERS) --spawn-rate $(LOAD_SPAWN_RATE) --duration $(LOAD_DURATION) \
 	  $(if $(LOAD_PATHS),--paths $(LOAD_PATHS)) --results-dir results $(LOAD_ARGS)
+
+# Three replicas on loopback, Locust through nginx and then client-side round_robin, one replica
+# SIGKILLed 20 s into each 60 s run; fails on any failed request (see load_tests/cluster_test.py).
+cluster-test: install runtime system-deps
+	@ls $(REPOSITORY)/*/1/model.pt >/dev/null 2>&1 || $(MAKE) repository
+	$(PY) load_tests/cluster_test.py --repository $(REPOSITORY) --results-dir results
 
 # Side-by-side benchmark (reference eager vs TorchScript in-process vs Triton) on the repository's weights.
 bench: install runtime system-deps

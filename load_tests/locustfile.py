@@ -50,7 +50,9 @@ from locust import User, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 from locust.runners import MasterRunner  # noqa: E402
 from locust.stats import StatsEntry  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from vocos_client._common import balancing_channel_args, grpc_target  # noqa: E402
 from vocos_client._stream import Event, StreamSession  # noqa: E402
 from vocos_triton.contract import (  # noqa: E402
     BANDWIDTHS,
@@ -100,14 +102,18 @@ class BadResponse(AssertionError):
 
 
 def strip_host(host: Optional[str]) -> str:
-    """``grpc://127.0.0.1:8001/`` -> ``127.0.0.1:8001`` (tritonclient wants ``host:port``)."""
+    """``grpc://127.0.0.1:8001/`` -> ``127.0.0.1:8001`` (tritonclient wants ``host:port``).
+
+    Several replicas: ``h1:p1,h2:p2`` or a gRPC target (``dns:///name:port``, ``ipv4:a:p,b:p``) gives
+    every user a channel that spreads its requests with gRPC's round_robin, as ``VocosClient`` does.
+    """
     if not host:
         raise ValueError("no target: pass --host HOST:PORT (the server's gRPC address, e.g. 127.0.0.1:8001)")
     for prefix in ("grpc://", "grpcs://", "http://", "https://"):
         if host.startswith(prefix):
             host = host[len(prefix):]
             break
-    return host.rstrip("/")
+    return grpc_target(host.rstrip("/"))
 
 
 def parse_paths(spec: str) -> Dict[str, float]:
@@ -155,7 +161,11 @@ class GeventSafeClient(grpcclient.InferenceServerClient):
 
     def __init__(self, url: str) -> None:
         self._closed = False
-        super().__init__(url)
+        balancing = balancing_channel_args(url)
+        # tritonclient's own defaults (no message size limit), plus round_robin for several replicas
+        channel_args = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                        *balancing] if balancing else None
+        super().__init__(url, channel_args=channel_args)
         GeventSafeClient._open.add(self)
 
     def close(self) -> None:
@@ -306,6 +316,9 @@ def _add_arguments(parser) -> None:
                        help="per-request gRPC deadline in seconds; a late answer counts as a failure (default 60)")
     group.add_argument("--think-time", type=float, default=0.0, env_var="LOCUST_THINK_TIME",
                        help="seconds each user waits between requests (default 0: closed loop at saturation)")
+    group.add_argument("--retries", type=int, default=0, env_var="LOCUST_RETRIES",
+                       help="resend a request that failed UNAVAILABLE (replica gone) up to this many times, "
+                            "within its deadline, as VocosClient does; counted in the summary (default 0)")
     group.add_argument("--pool-size", type=int, default=12, env_var="LOCUST_POOL_SIZE",
                        help="number of distinct speech clips (default 12)")
     group.add_argument("--min-seconds", type=float, default=1.0, env_var="LOCUST_MIN_SECONDS",
@@ -329,6 +342,8 @@ class _State:
     paths: Tuple[str, ...] = ()
     pool: Optional[RequestPool] = None
     timeout_s: float = 60.0
+    retries: int = 0
+    retried = 0  # requests resent after UNAVAILABLE (all users)
     seed: int = 0
     users_started = itertools.count()
     started_at: Optional[float] = None
@@ -363,7 +378,7 @@ class TritonPathUser(User):
         samples = 0
         started = time.perf_counter()
         try:
-            result = self.client.infer(self.path, request.inputs, client_timeout=STATE.timeout_s)
+            result = self.send(request, started)
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             waveform = result.as_numpy(OUTPUT)
             if waveform is None or waveform.shape != (1, request.expected_samples):
@@ -378,6 +393,23 @@ class TritonPathUser(User):
         self.environment.events.request.fire(
             request_type="grpc", name=self.path, response_time=elapsed_ms, response_length=samples,
             exception=exception, context={})
+
+
+    def send(self, request: PreparedRequest, started: float):
+        """One inference, resent after ``UNAVAILABLE`` up to ``--retries`` times within the deadline."""
+        for attempt in itertools.count():
+            remaining = STATE.timeout_s - (time.perf_counter() - started)
+            try:
+                return self.client.infer(self.path, request.inputs, client_timeout=max(remaining, 1e-3))
+            except InferenceServerException as exc:
+                delay = 0.1 * 2**attempt
+                if (exc.status() != "StatusCode.UNAVAILABLE" or attempt >= STATE.retries
+                        or time.perf_counter() - started + delay >= STATE.timeout_s):
+                    raise
+                STATE.retried += 1
+                log.info("%s: %s; retry %d in %.1f s", self.path, exc.message(), attempt + 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
 
 class VocosMelUser(TritonPathUser):
@@ -519,9 +551,11 @@ def _on_init(environment: Environment, **_kwargs) -> None:
     options = environment.parsed_options
     if options is None:  # Locust used as a library without our options: all paths, defaults
         weights, timeout_s, seed = parse_paths(DEFAULT_PATHS), 60.0, 0
+        STATE.retries = 0
         pool_args: Tuple[int, float, float] = (12, 1.0, 15.0)
     else:
         weights, timeout_s, seed = parse_paths(options.paths), options.request_timeout, options.pool_seed
+        STATE.retries = max(0, options.retries)
         pool_args = (options.pool_size, options.min_seconds, options.max_seconds)
     # Weights come from --paths; classes the user did not ask for leave the run entirely.
     for path, cls in USER_CLASSES.items():
@@ -628,7 +662,8 @@ def _on_test_stop(environment: Environment, **_kwargs) -> None:
     lines = [f"{'path':<22} {'requests':>8} {'failures':>8} {'audio s':>9} {'audio-s/s':>9}"]
     lines += [f"{r['path']:<22} {r['requests']:>8} {r['failures']:>8} {r['audio_seconds']:>9.1f} "
               f"{r['audio_s_per_s']:>9.2f}" for r in rows]
-    log.info("audio produced per wall second over %.1f s:\n%s", wall_seconds, "\n".join(lines))
+    log.info("audio produced per wall second over %.1f s (%d requests resent after UNAVAILABLE):\n%s",
+             wall_seconds, STATE.retried, "\n".join(lines))
     options = environment.parsed_options
     prefix = ""
     if options is not None:
@@ -637,8 +672,8 @@ def _on_test_stop(environment: Environment, **_kwargs) -> None:
         target = Path(prefix)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.with_name(target.name + ".json").write_text(json.dumps(
-            {"wall_seconds": round(wall_seconds, 3), "sample_rate": SAMPLE_RATE, "paths": rows,
-             "streaming": streaming_summary(environment)}, indent=2) + "\n")
+            {"wall_seconds": round(wall_seconds, 3), "sample_rate": SAMPLE_RATE, "retried": STATE.retried,
+             "paths": rows, "streaming": streaming_summary(environment)}, indent=2) + "\n")
         with open(target.with_name(target.name + ".csv"), "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()

@@ -145,9 +145,8 @@ def parse_duration(text: str) -> float:
 
 
 def locust_command(url: str, args: argparse.Namespace, results: Path) -> List[str]:
-    """The headless Locust command line, run by this very interpreter (``python -m locust``): the ``locust``
-    script next to it may carry another environment's shebang (a copied venv), and then imports another
-    checkout's code."""
+    """The headless Locust command line, run by this interpreter (its gevent, tritonclient and our packages):
+    not the ``locust`` script beside it, whose ``#!`` line may name another environment's python."""
     base = [sys.executable, "-m", "locust"]
     return base + [
         "-f", str(LOCUSTFILE), "--headless",

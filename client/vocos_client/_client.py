@@ -31,7 +31,11 @@ class VocosClient(ClientBase):
     """Synthesize 24 kHz speech with the Vocos models on a Triton server (gRPC).
 
     Args:
-        url: ``HOST:PORT`` of Triton's gRPC endpoint.
+        url: ``HOST:PORT`` of Triton's gRPC endpoint; or several replicas, as a list or comma-separated
+            (``["h1:8001", "h2:8001"]``), or a gRPC target such as ``dns:///vocos-triton-grpc:8001`` (a
+            Kubernetes headless Service). Several addresses get gRPC's round_robin policy: calls are
+            spread over the replicas whose connection is up, a retry goes to the next one, and a
+            stream stays on the replica it started on (see docs/deployment-k8s.md).
         timeout: seconds one call may take in all, retries and their backoff included (``None``: no limit).
             Each method also takes ``timeout=`` to override it for that call. Running out while the
             server answers raises :class:`DeadlineExceededError`; while it stays unavailable, the

@@ -1,9 +1,12 @@
 """What the sync and asyncio clients share: options, channel arguments, the retry schedule, results."""
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 from os import PathLike
@@ -23,6 +26,105 @@ BatchItem = Union[np.ndarray, Sequence[Any], Mapping[str, Any]]
 _INT32_MAX = 2**31 - 1
 
 ProgressCallback = Callable[[int], None]
+
+#: What ``url`` may be: ``"host:port"``, several (``"h1:8001,h2:8001"`` or a list), or a gRPC target URI
+#: (``"dns:///vocos-grpc.default.svc:8001"``, ``"ipv4:10.0.0.1:8001,10.0.0.2:8001"``).
+Endpoints = Union[str, Sequence[str]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several replicas: gRPC's own name resolution and round_robin policy, no balancer of ours.
+#
+# A gRPC channel is one HTTP/2 connection per address; with the default ``pick_first`` policy every
+# call of a client goes to one server (a Kubernetes ClusterIP Service balances connections, so it
+# changes nothing). With ``round_robin`` the channel connects to every address its resolver returns
+# and sends each call to the next one whose connection is READY: a replica that is gone (connection
+# refused or reset) or still loading its models (tritonserver opens its ports only once they are
+# loaded) gets no calls, so the retry of a call that failed ``UNAVAILABLE`` on a dying replica lands
+# on another one, and the channel keeps reconnecting to the missing one in the background. A stream
+# is a single gRPC call, so all of its messages stay on the replica it started on.
+#
+# No client-side health checks (service config ``healthCheckConfig``): tritonserver 2.51 answers
+# ``grpc.health.v1.Health/Check`` but not ``Watch``, which gRPC's health checking uses, and gRPC then
+# logs an error per connection and treats the server as healthy anyway.
+
+#: gRPC resolver schemes a target may start with (grpc/doc/naming.md); such a target is used as is.
+_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+
+#: round_robin over every resolved address
+BALANCED_SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}]}
+
+
+def _split_endpoint(endpoint: str) -> Tuple[str, int]:
+    host, sep, port = endpoint.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"url: expected HOST:PORT, got {endpoint!r}")
+    return host, int(port)
+
+
+def grpc_target(url: Endpoints) -> str:
+    """The gRPC channel target for one endpoint, several, or a gRPC target URI.
+
+    ``"host:port"`` stays as it is. Several endpoints (a list, or comma-separated) become one
+    ``ipv4:``/``ipv6:`` target with every address, host names resolved once, here (use
+    ``dns:///name:port`` for a name whose addresses change, e.g. a Kubernetes headless Service: gRPC's
+    DNS resolver then re-resolves it when a connection drops). Target URIs pass through unchanged.
+    With TLS, prefer ``dns:///name:port``: the certificate is checked against the target's name, and
+    an address list has none.
+    """
+    if isinstance(url, str):
+        text = url.strip()
+        if text.startswith(_TARGET_SCHEMES):
+            return text
+        endpoints = [part for part in (p.strip() for p in text.split(",")) if part]
+    else:
+        endpoints = [str(part).strip() for part in url if str(part).strip()]
+    if not endpoints:
+        raise ValueError("url: expected HOST:PORT, several of them, or a gRPC target such as dns:///name:port")
+    for endpoint in endpoints:
+        if endpoint.startswith(("http://", "https://", "grpc://")) or endpoint.startswith(_TARGET_SCHEMES):
+            raise ValueError(f"url: expected HOST:PORT of Triton's gRPC endpoint (e.g. localhost:8001), "
+                             f"got {endpoint!r}")
+    if len(endpoints) == 1:
+        _split_endpoint(endpoints[0])
+        return endpoints[0]
+    families: Dict[int, List[str]] = {4: [], 6: []}
+    for endpoint in endpoints:
+        host, port = _split_endpoint(endpoint)
+        for address in _resolve(host, port):
+            family = ipaddress.ip_address(address).version
+            entry = f"[{address}]:{port}" if family == 6 else f"{address}:{port}"
+            if entry not in families[family]:
+                families[family].append(entry)
+    # one target holds one address family; IPv4 where any endpoint has one (it is what servers bind)
+    family = 4 if families[4] else 6
+    return f"ipv{family}:" + ",".join(families[family])
+
+
+def _resolve(host: str, port: int) -> List[str]:
+    try:
+        ipaddress.ip_address(host)
+        return [host]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"url: cannot resolve {host!r} ({exc.strerror})") from exc
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def is_balanced(target: str) -> bool:
+    """Whether ``target`` may name several servers (a resolver URI or an address list)."""
+    return target.startswith(_TARGET_SCHEMES)
+
+
+def balancing_channel_args(target: str) -> List[Tuple[str, Any]]:
+    """Channel arguments that spread calls over every address of ``target`` (none for one ``host:port``)."""
+    if not is_balanced(target):
+        return []
+    return [("grpc.service_config", json.dumps(BALANCED_SERVICE_CONFIG))]
 
 
 def triton_inputs(module: Any, request: Request) -> List[Any]:
@@ -54,7 +156,7 @@ class Options:
     limits: Limits
 
     @classmethod
-    def make(cls, url: str, *, timeout: Optional[float], retries: int, backoff: float, ssl: bool,
+    def make(cls, url: Endpoints, *, timeout: Optional[float], retries: int, backoff: float, ssl: bool,
              root_certificates: Optional[PathOrStr], private_key: Optional[PathOrStr],
              certificate_chain: Optional[PathOrStr], validate: bool, max_seconds: float) -> Options:
         if retries < 0:
@@ -63,8 +165,7 @@ class Options:
             raise ValueError(f"backoff: expected >= 0 seconds, got {backoff}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout: expected > 0 seconds or None, got {timeout}")
-        if url.startswith(("http://", "https://", "grpc://")):
-            raise ValueError(f"url: expected HOST:PORT of Triton's gRPC endpoint (e.g. localhost:8001), got {url!r}")
+        url = grpc_target(url)
 
         def path(value: Optional[PathOrStr]) -> Optional[str]:
             # tritonclient reads these files when the channel is made (the asyncio client: on first use),
@@ -94,7 +195,7 @@ class Options:
             ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
             ("grpc.min_reconnect_backoff_ms", reconnect_ms),
             ("grpc.max_reconnect_backoff_ms", max(reconnect_ms, 5000)),
-        ]
+        ] + balancing_channel_args(self.url)
         return dict(url=self.url, ssl=self.ssl, root_certificates=self.root_certificates,
                     private_key=self.private_key, certificate_chain=self.certificate_chain,
                     channel_args=channel_args)
@@ -115,7 +216,7 @@ class ClientBase:
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: Endpoints = "localhost:8001",
         *,
         timeout: Optional[float] = 60.0,
         retries: int = 3,

@@ -10,6 +10,10 @@ Command line (``make serve``)::
 
     vocos-serve [--model-repository DIR] [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000]
                 [--metrics-port 8002] [--profile cpu|gpu] [--runtime-python PATH]
+                [--tritonserver DIR] [--metrics-config KEY=VALUE ...]
+
+``--tritonserver DIR`` (or ``$VOCOS_TRITONSERVER``) serves with an installed tritonserver instead of the
+wheel's, e.g. ``/opt/tritonserver`` in NVIDIA's container image (see ``deploy/Dockerfile``).
 """
 from __future__ import annotations
 
@@ -36,6 +40,16 @@ from .watchdog import StubWatchdog
 log = logging.getLogger("vocos_triton.launcher.server")
 
 PROFILES = {"cpu": None, "gpu": "gpu"}  # profile -> --model-config-name (configs/<name>.pbtxt)
+
+#: a tritonserver installation to use instead of the wheel's (e.g. /opt/tritonserver in the NGC image)
+TRITONSERVER_ENV = "VOCOS_TRITONSERVER"
+
+#: tritonserver ``--metrics-config`` settings we serve with by default: ``summary_latencies`` adds
+#: ``nv_inference_request_summary_us`` (p50-p99 of request latency per model and replica), which the
+#: Grafana dashboard in deploy/k8s reads. (``histogram_latencies`` and its first-response histogram
+#: came after 2.51, which ignores the setting: time to first audio is our own metric, see
+#: vocos_triton.serving.metrics.)
+DEFAULT_METRICS_CONFIG = ("summary_latencies=true",)
 
 
 class LaunchError(RuntimeError):
@@ -68,6 +82,25 @@ class TritonDistribution:
                 raise LaunchError(f"{path}: missing from the nvidia-pytriton wheel (Python {version})")
         return cls(binary=binary, library_dir=package.parent / "nvidia_pytriton.libs", backend_files=files)
 
+    @classmethod
+    def installed(cls, root: Path) -> TritonDistribution:
+        """A tritonserver installation laid out as in NVIDIA's image: ``<root>/bin/tritonserver``,
+        ``<root>/lib``, and ``<root>/backends/python/`` holding the backend, its utils and the stub.
+
+        The stub there is built for the image's Python (3.10 in 24.10-py3): the serving runtime must
+        be that version (the Dockerfile makes its virtual environment with the image's python3).
+        """
+        root = Path(root)
+        backend = root / "backends" / "python"
+        files = [backend / "libtriton_python.so", backend / "triton_python_backend_utils.py",
+                 backend / "triton_python_backend_stub"]
+        binary = root / "bin" / "tritonserver"
+        for path in [binary, *files]:
+            if not path.exists():
+                raise LaunchError(f"{path}: missing from the tritonserver installation {root} "
+                                  f"(--tritonserver / ${TRITONSERVER_ENV})")
+        return cls(binary=binary, library_dir=root / "lib", backend_files=files)
+
     def assemble_backends(self, build_dir: Path) -> Path:
         """``<build_dir>/backends/python/`` with the three files Triton expects side by side."""
         python_dir = build_dir / "backends" / "python"
@@ -93,6 +126,20 @@ def openmp_environment(env: Dict[str, str]) -> Dict[str, str]:
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def default_tritonserver() -> Optional[Path]:
+    """``$VOCOS_TRITONSERVER`` if set (an installation root), else ``None``: the wheel's server."""
+    value = os.environ.get(TRITONSERVER_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def metrics_setting(text: str) -> str:
+    """One ``--metrics-config`` value, checked for the ``KEY=VALUE`` form tritonserver wants."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"--metrics-config: expected KEY=VALUE, got {text!r}")
+    return f"{key.strip()}={value.strip()}"
 
 
 def ensure_port_free(host: str, port: int, what: str) -> None:
@@ -136,7 +183,16 @@ class ServerOptions:
     watchdog: bool = True  # reload models whose stub process died
     # the environment the stubs embed: $VOCOS_RUNTIME_PYTHON (the Makefile's lean runtime) or this one
     runtime_python: Path = field(default_factory=default_runtime_python)
+    # an installed tritonserver (root folder) instead of the wheel's: $VOCOS_TRITONSERVER or None
+    tritonserver: Optional[Path] = field(default_factory=default_tritonserver)
+    metrics_config: Sequence[str] = DEFAULT_METRICS_CONFIG
     extra_args: List[str] = field(default_factory=list)
+
+    def distribution(self, python_version: Optional[str] = None) -> TritonDistribution:
+        """The tritonserver to run: the installation in ``tritonserver``, else the wheel's."""
+        if self.tritonserver is not None:
+            return TritonDistribution.installed(self.tritonserver)
+        return TritonDistribution.find(python_version)
 
 
 class TritonServer:
@@ -176,6 +232,7 @@ class TritonServer:
             f"--exit-timeout-secs={o.exit_timeout_s}",
             f"--log-verbose={o.log_verbose}",
         ]
+        args += [f"--metrics-config={setting}" for setting in o.metrics_config]
         config_name = PROFILES[o.profile]
         if config_name:
             args.append(f"--model-config-name={config_name}")
@@ -199,7 +256,7 @@ class TritonServer:
         for what, port in (("gRPC", o.grpc_port), ("HTTP", o.http_port), ("Metrics", o.metrics_port)):
             ensure_port_free(o.host, port, what)
         self.runtime = runtime = self.check_runtime()
-        distribution = TritonDistribution.find(runtime.python_version)
+        distribution = o.distribution(runtime.python_version)
         backend_dir = distribution.assemble_backends(o.build_dir)
         output = None
         if self.log_file is not None:
@@ -293,7 +350,7 @@ def _banner(server: TritonServer) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve the Vocos model repository with the bundled tritonserver.")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -307,13 +364,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runtime-python", type=Path, default=default_runtime_python(),
                         help="python of the environment the stubs embed "
                              "(default: $VOCOS_RUNTIME_PYTHON, else this one)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--tritonserver", type=Path, default=default_tritonserver(),
+                        help="root of an installed tritonserver (bin/, lib/, backends/python/), e.g. "
+                             f"/opt/tritonserver in NVIDIA's image (default: ${TRITONSERVER_ENV}, else the "
+                             "nvidia-pytriton wheel's)")
+    parser.add_argument("--metrics-config", type=metrics_setting, action="append", default=None,
+                        metavar="KEY=VALUE",
+                        help="tritonserver --metrics-config setting, repeatable (default: "
+                             f"{' '.join(DEFAULT_METRICS_CONFIG)}; giving any replaces the default)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = TritonServer(ServerOptions(
         model_repository=args.model_repository.resolve(), host=args.host, grpc_port=args.grpc_port,
         http_port=args.http_port, metrics_port=args.metrics_port, profile=args.profile,
         build_dir=args.build_dir, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
-        runtime_python=args.runtime_python))
+        runtime_python=args.runtime_python, tritonserver=args.tritonserver,
+        metrics_config=tuple(args.metrics_config or DEFAULT_METRICS_CONFIG)))
 
     stopping = []
 

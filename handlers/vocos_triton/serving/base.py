@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..contract import DEFAULT_MAX_SECONDS, InvalidInput, Limits
+from ..contract import DEFAULT_MAX_SECONDS, InvalidInput, Limits, Tensor
 from .allocator import MemoryReleaser
+from .metrics import AudioSeconds
 
 log = logging.getLogger("vocos_triton.serving")
 
@@ -128,6 +129,9 @@ class RaggedBatchModel(TritonModel):
         self.skip_cancelled = self.parameters.get("skip_cancelled", "true").strip().lower() != "false"
         # MB of freed heap the stub may keep for its next forwards before it gives memory back (-1: keep all)
         self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
+        # audio seconds returned, for capacity dashboards (models whose output is a waveform)
+        self.audio_seconds = (AudioSeconds(self.pb, self.name, args.get("model_instance_name", self.name))
+                              if Tensor.WAVEFORM in self.output_dtypes else None)
         loaded = self.load_artifact(args, self.version_dir)
         self.configure()
         self.warm_up()
@@ -200,6 +204,8 @@ class RaggedBatchModel(TritonModel):
                     for name, dtype in self.output_dtypes.items()
                 ]
                 responses[r] = self.pb.InferenceResponse(output_tensors=tensors)
+                if self.audio_seconds is not None:
+                    self.audio_seconds.add(sum(int(row[Tensor.WAVEFORM].shape[-1]) for row in rows))
 
     def finalize(self) -> None:
         """Drop what :meth:`load_artifact` loaded (override)."""
