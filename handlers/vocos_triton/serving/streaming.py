@@ -30,6 +30,7 @@ from ..modules.streaming import piece_bounds
 from .allocator import MemoryReleaser
 from .base import TritonModel
 from .codebooks import TABLE_FILE, CodebookTable
+from .metrics import FIRST_AUDIO, AudioSeconds, LatencyHistogram
 from .torchscript import load_torchscript
 
 log = logging.getLogger("vocos_triton.serving.streaming")
@@ -63,6 +64,8 @@ class Sequence:
     fed: int = 0  # frames run through the vocoder, flush included
     chunks: Deque[Chunk] = field(default_factory=collections.deque)
     last_active: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
+    heard: bool = False  # its first audio has been sent
     ending: bool = False  # its END chunk was accepted: no more requests may join it
 
 
@@ -86,6 +89,10 @@ class StreamingModel(TritonModel):
         self.load_extra()
         # MB of freed activations the stub may keep for its next steps (see allocator.py; -1: keep all)
         self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
+        instance = args.get("model_instance_name", self.name)
+        self.audio_seconds = AudioSeconds(self.pb, self.name, instance)
+        self.first_audio = LatencyHistogram(self.pb, FIRST_AUDIO, "Seconds from a stream's first request reaching "
+                                            "the model to its first audio leaving it", self.name, instance)
         self.sequences: Dict[int, Sequence] = {}  # open sequences by CORRID
         # sequences whose END was accepted and whose frames are still being run: their CORRID may already
         # start a new sequence
@@ -292,6 +299,11 @@ class StreamingModel(TritonModel):
                 if last and sequence in self.closing:
                     self.closing.remove(sequence)
                 self.send(chunk.sender, samples, finished)
+                if samples.size:
+                    self.audio_seconds.add(samples.size)
+                    if not sequence.heard:
+                        sequence.heard = True
+                        self.first_audio.observe(time.monotonic() - sequence.started)
 
     def send(self, sender: Any, samples: np.ndarray, final: bool) -> None:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
