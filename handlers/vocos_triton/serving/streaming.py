@@ -173,15 +173,14 @@ class StreamingModel(TritonModel):
             frames, condition, bandwidth = self.read_chunk({n: a[0] for n, a in arrays.items()}, sequence)
             accepted = (sequence.accepted if sequence else 0) + frames.shape[1]
             tensor = self.input_names[0]
-            if accepted > self.max_frames():
-                raise InvalidInput(tensor, f"expected at most {self.max_frames()} frames "
-                                           f"({self.limits.max_seconds:g} s) in a sequence, this chunk brings it to "
-                                           f"{accepted}; end the stream and start another, nothing is truncated")
-            if end and accepted < self.min_frames():
-                if sequence is not None:
-                    self.drop(sequence, "ended too short")
-                raise InvalidInput(tensor, f"expected at least {self.min_frames()} frames in a sequence, it ended "
-                                           f"with {accepted}")
+            c.check_sequence_total(tensor, accepted, self.max_frames(), self.limits.max_seconds)
+            if end:
+                try:
+                    c.check_sequence_end(tensor, accepted, self.min_frames())
+                except InvalidInput:
+                    if sequence is not None:
+                        self.drop(sequence, "ended too short")
+                    raise
             if sequence is None:
                 sequence = Sequence(corrid, condition, self.module.initial_state(1), bandwidth)
                 self.sequences[corrid] = sequence
