@@ -95,12 +95,13 @@ KERNEL_METHODS = ("set_linear_kernel", "linear_kernel")
 class FusedLinear(nn.Module):
     """``x @ weight.T + bias``, then ``activation`` ("gelu" or "none"), on (..., C_in) tensors.
 
-    ``kernel`` picks the CPU implementation (same arithmetic to ~1e-6): ``"onednn"`` runs one oneDNN
-    matmul with the activation fused into it (the op PyTorch's own compiler emits), about 1.4x faster
-    than ``"aten"`` (``F.linear`` + ``F.gelu``) with AVX-512; but oneDNN 3.12 (torch 2.13) on AVX2-only
-    CPUs picks a matmul kernel (``brg_matmul:avx2``) slower than MKL's sgemm. Elsewhere (CUDA) it is
-    always ``F.linear``. The attribute survives ``torch.jit.freeze`` because ``set_linear_kernel``
-    (exported by the vocoders) assigns it.
+    ``kernel`` picks the CPU implementation (both within 1e-7 of the reference): ``"onednn"`` runs one
+    oneDNN matmul with the activation fused into it (the op PyTorch's own compiler emits), 1.25-1.4x
+    faster than ``"aten"`` (``F.linear``, i.e. MKL's sgemm, + ``F.gelu``) with AVX-512. With AVX2 only,
+    oneDNN 3.12 (torch 2.13) picks ``brg_matmul:avx2``, slower than 3.10's ``gemm:jit:f32``, and which
+    of the two kernels wins then depends on the CPU, so the stubs measure (``serving/kernels.py``).
+    Elsewhere (CUDA) it is always ``F.linear``. The attribute survives ``torch.jit.freeze`` because
+    ``set_linear_kernel`` (exported by the vocoders) assigns it.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str = "none") -> None:

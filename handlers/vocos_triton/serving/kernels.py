@@ -2,9 +2,10 @@
 
 The fastest of the :data:`~vocos_triton.modules.vocoder.LINEAR_KERNELS` depends on the CPU and on the
 torch build (docs/hardware.md): with AVX-512 the fused oneDNN matmul is the fastest; on an AVX2-only
-CPU, oneDNN 3.12 (torch 2.13, the CPU serving runtime) picks ``brg_matmul:avx2`` for it, which is
-slower than MKL's sgemm behind ``F.linear``. Neither the export machine nor the torch version of the
-build environment says which one the serving machine prefers, so each vocoder stub times both on its
+CPU, oneDNN 3.12 (torch 2.13, the CPU serving runtime) picks ``brg_matmul:avx2`` for it, slower than
+torch 2.11's ``gemm:jit:f32``, and close to MKL's sgemm behind ``F.linear`` (ahead or behind by CPU).
+Neither the export machine nor the build environment's torch says which one the serving machine
+prefers, so each vocoder stub times both on its
 own CPU, with its own torch, when it loads (a few forwards of a few seconds of audio, alternating the
 kernels so that noise from other processes hits both alike), keeps the faster and logs the times.
 
