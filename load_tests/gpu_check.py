@@ -197,34 +197,36 @@ def check_paths(client, reference_mel, reference_encodec, device) -> List[Check]
     """Every client path against the reference on ``device``, on speech of three lengths."""
     import torch
 
-    from vocos_triton.contract import BANDWIDTHS, SAMPLE_RATE, Bandwidth
+    from vocos_triton.contract import BANDWIDTHS, SAMPLE_RATE, Bandwidth, Model
     from vocos_triton.speech import speech_clip
 
-    checks = {name: Check(name) for name in ("mel", "resynthesize_mel", "resynthesize_encodec", "decode_codes")}
+    # named after the entry model each client path calls
+    mel_path, resynth_mel, resynth_encodec, decode_codes = (
+        Model.VOCOS_MEL, Model.RESYNTHESIZE_MEL, Model.RESYNTHESIZE_ENCODEC, Model.DECODE_CODES)
+    checks = {name: Check(name) for name in (mel_path, resynth_mel, resynth_encodec, decode_codes)}
     with torch.inference_mode():
         for i, samples in enumerate((SAMPLE_RATE, 50_001, 7_777)):
             audio = speech_clip(samples, seed=40 + i)
             x = torch.from_numpy(audio)[None].to(device)
             mel = reference_mel.feature_extractor(x)
             got = client.synthesize(mel=mel[0].cpu().numpy())
-            checks["mel"].max_error = max(checks["mel"].max_error,
-                                          _error(got, reference_mel.decode(mel)[0].cpu().numpy()))
+            checks[mel_path].max_error = max(checks[mel_path].max_error,
+                                             _error(got, reference_mel.decode(mel)[0].cpu().numpy()))
             got = client.synthesize(audio=audio, sample_rate=SAMPLE_RATE)
-            checks["resynthesize_mel"].max_error = max(checks["resynthesize_mel"].max_error,
-                                                       _error(got, reference_mel(x)[0].cpu().numpy()))
+            checks[resynth_mel].max_error = max(checks[resynth_mel].max_error,
+                                                _error(got, reference_mel(x)[0].cpu().numpy()))
             bandwidth = BANDWIDTHS[i % len(BANDWIDTHS)]
             bandwidth_id = torch.tensor([Bandwidth.parse(bandwidth).index], device=device)
             extractor = reference_encodec.feature_extractor
             extractor.encodec.set_target_bandwidth(bandwidth)
             got = client.synthesize(audio=audio, sample_rate=SAMPLE_RATE, bandwidth=bandwidth)
             expected = reference_encodec(x, bandwidth_id=bandwidth_id)[0].cpu().numpy()
-            checks["resynthesize_encodec"].max_error = max(checks["resynthesize_encodec"].max_error,
-                                                           _error(got, expected))
+            checks[resynth_encodec].max_error = max(checks[resynth_encodec].max_error, _error(got, expected))
             codes = extractor.get_encodec_codes(x)[:, 0]
             got = client.synthesize(codes=codes.cpu().numpy())
             features = reference_encodec.codes_to_features(codes)
             expected = reference_encodec.decode(features, bandwidth_id=bandwidth_id)[0].cpu().numpy()
-            checks["decode_codes"].max_error = max(checks["decode_codes"].max_error, _error(got, expected))
+            checks[decode_codes].max_error = max(checks[decode_codes].max_error, _error(got, expected))
     return list(checks.values())
 
 

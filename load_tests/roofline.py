@@ -170,6 +170,8 @@ def print_fractions(fractions: List[dict], systems: Sequence[str]) -> None:
     for f in fractions:
         print(f"{f['variant']:8} {f['seconds']:>4}s {f['batch']:>5} | {f['ceiling_rtf']:>7.1f}x | "
               + " ".join(f"{f['fraction'][s]:>10.2f}" for s in systems))
+    if any(v > 1 for f in fractions for v in f["fraction"].values()):
+        print("note: fractions above 1 mean the roofline was measured low: other processes were using the cores")
 
 
 def machine_report(references: Dict[str, nn.Module], sample_rate: int, rows: int = 4096) -> dict:
