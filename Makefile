@@ -13,6 +13,7 @@ ENCODEC_CHECKPOINT ?=
 # RANDOM_WEIGHTS=1: a loudly labelled demo with random-initialised weights (noise, not speech).
 RANDOM_WEIGHTS ?= 0
 # PRECISION=int8: opt-in int8 vocoders (CPU; faster, slightly lossy: docs/performance.md). fp32 is exact.
+# PRECISION=fp16: opt-in fp16 backbone for PROFILE=gpu (head and ISTFT fp32; SNR-gated, see docs/hardware.md).
 PRECISION ?= fp32
 REPOSITORY ?= model_repository
 HOST ?= 127.0.0.1
@@ -49,7 +50,7 @@ endif
 # read by vocos_triton.launcher.server (and so by the tests, the bench and the load test)
 export VOCOS_RUNTIME_PYTHON := $(RUNTIME_PYTHON)
 
-.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test cluster-test bench bench-stream clean
+.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test cluster-test bench bench-stream gpu-check clean
 
 install: $(INSTALLED)
 
@@ -124,6 +125,12 @@ bench: install runtime system-deps
 bench-stream: install runtime system-deps
 	@ls $(REPOSITORY)/*/1/model.pt >/dev/null 2>&1 || $(MAKE) repository
 	$(PY) load_tests/bench.py --repository $(REPOSITORY) --out results/bench --only-stream
+
+# The GPU profile end to end on an NVIDIA GPU (< 8 min): build, serve PROFILE=gpu, check every path against the
+# reference on the GPU, bench concurrency 1-64; results/gpu-check/gpu_check.{json,png}. Exits 2 without a GPU.
+# Real weights: GPU_CHECK_ARGS="--mel DIR --encodec DIR --encodec-checkpoint FILE" (default: random weights).
+gpu-check: install system-deps
+	$(PY) load_tests/gpu_check.py --out results/gpu-check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/codebooks.npy $(REPOSITORY)/*/1/provenance.json

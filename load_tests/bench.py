@@ -55,9 +55,11 @@ from vocos_triton.contract import SAMPLE_RATE, Model  # noqa: E402
 from vocos_triton.launcher.memory import process_tree_pss  # noqa: E402
 from vocos_triton.launcher.runtime import Runtime  # noqa: E402
 from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port  # noqa: E402
+from vocos_triton.serving.kernels import parse_log  # noqa: E402
 from vocos_triton.speech import speech_clip  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_bench.py, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_bench.py, roofline.py: next to this file
+import roofline  # noqa: E402
 import stream_bench  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -286,6 +288,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only_stream:
         return streaming_only(args)
     reference_mel, reference_encodec = load_references(args.repository)
+    # before the server starts: the roofline needs the cores to itself
+    machine = roofline.machine_report({"mel": reference_mel, "encodec": reference_encodec}, SAMPLE_RATE)
+    roofline.print_machine(machine)
     options = ServerOptions(model_repository=args.repository.resolve(), grpc_port=free_port(), http_port=free_port(),
                             metrics_port=free_port(), build_dir=args.out / "triton")
     with TritonServer(options, log_file=args.out / "tritonserver.log") as server, \
@@ -303,6 +308,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         memory_loaded = process_tree_pss(server.process.pid)
         streaming = run_streaming(server.grpc_url, args) if args.stream else None
     rows = print_table(cases)
+    systems = ("reference", "in-process", "triton")
+    fractions = roofline.roofline_fractions(rows, {v: f["per_audio_second"] for v, f in machine["flops"].items()},
+                                            machine["roofline"]["gflops"], systems)
+    roofline.print_fractions(fractions, systems)
+    slower = [f"{r['variant']} {r['seconds']}s b{r['batch']}" for r in rows
+              if r["rtf"]["in-process"] < r["rtf"]["reference"]]
+    if slower:
+        print(f"WARNING: the serving runtime runs slower than the reference on {', '.join(slower)}: on AVX2-only "
+              "CPUs serve with the build environment's torch (docs/hardware.md)")
+    kernels = {model: choice.describe() for model, choice in parse_log(server.log_file.read_text()).items()}
+    print(f"linear kernels: Triton stubs {kernels}; in-process worker: {worker.banner}")
     one_second = {r["variant"]: r for r in rows if r["seconds"] == 1 and r["batch"] == 1}
     added = {v: 1000 * (r["median_s"]["triton"] - r["median_s"]["in-process"]) for v, r in one_second.items()}
     for variant, ms in added.items():
@@ -314,7 +330,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"reference: torch {torch.__version__}; in-process and Triton stubs: {server.runtime.describe()}")
     report = {"rows": rows, "added_latency_ms": added, "memory": {"idle": memory_idle, "loaded": memory_loaded},
               "torch_threads": torch.get_num_threads(), "reference_torch": torch.__version__,
-              "runtime": server.runtime.describe()}
+              "runtime": server.runtime.describe(), "machine": machine, "roofline_fractions": fractions,
+              "linear_kernels": {"triton": kernels, "in-process": worker.banner}}
     if args.int8:
         report["int8"] = int8_report(args.repository, reference_mel, args.repeats)
         q = report["int8"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
@@ -25,12 +25,23 @@ import torch
 from vocos_triton.contract import CODEBOOKS, Model
 from vocos_triton.serving.allocator import hold_freed_memory
 from vocos_triton.serving.codebooks import TABLE_FILE, CodebookTable
+from vocos_triton.serving.kernels import choose_linear_kernel, switchable
+from vocos_triton.serving.models import encodec_vocoder_probe, mel_vocoder_probe
 from vocos_triton.serving.torchscript import ARTIFACT
 
 
-def forwards(repository: Path, inputs: Dict[str, np.ndarray]) -> Dict[str, Callable[[], object]]:
+def choose_kernels(vocoders: Dict[str, torch.jit.ScriptModule]) -> str:
+    """What the vocoder stubs do at load (vocos_triton.serving.kernels): time the Linear kernels, keep the faster."""
+    probes = {Model.VOCOS_MEL: mel_vocoder_probe, Model.VOCOS_ENCODEC: encodec_vocoder_probe}
+    return "; ".join(f"{name}: {choose_linear_kernel(module, probes[name]()).describe()}"
+                     for name, module in vocoders.items() if switchable(module))
+
+
+def forwards(repository: Path, inputs: Dict[str, np.ndarray]) -> Tuple[Dict[str, Callable[[], object]], str]:
+    """The timed call of each case, and the linear kernels the vocoders chose."""
     load = lambda name: torch.jit.load(str(repository / name / "1" / ARTIFACT)).eval()  # noqa: E731
     vocos_mel, vocos_encodec = load(Model.VOCOS_MEL), load(Model.VOCOS_ENCODEC)
+    kernels = choose_kernels({Model.VOCOS_MEL: vocos_mel, Model.VOCOS_ENCODEC: vocos_encodec})
     table = CodebookTable.load(repository / Model.ENCODEC_EMBEDDING / "1" / TABLE_FILE)
 
     def embedding(codes: np.ndarray) -> torch.Tensor:  # what the encodec_embedding model runs, item by item
@@ -47,7 +58,7 @@ def forwards(repository: Path, inputs: Dict[str, np.ndarray]) -> Dict[str, Calla
         else:
             ids = torch.full((batch,), CODEBOOKS.index(tensor.shape[1]))  # bandwidth id
             calls[case] = lambda c=array, f=frames, i=ids: vocos_encodec(embedding(c), f, i)
-    return calls
+    return calls, kernels
 
 
 def main() -> int:
@@ -56,8 +67,9 @@ def main() -> int:
     if threads:
         torch.set_num_threads(threads)
     with np.load(inputs_path) as data:
-        calls = forwards(repository, {key: data[key] for key in data.files})
-    print(f"ready torch {torch.__version__} threads {torch.get_num_threads()}", flush=True)
+        calls, kernels = forwards(repository, {key: data[key] for key in data.files})
+    print(f"ready torch {torch.__version__} threads {torch.get_num_threads()} linear kernels {kernels}",
+          flush=True)
     with torch.inference_mode():
         for line in sys.stdin:
             command = line.split()

@@ -33,11 +33,12 @@ from ..contract import BANDWIDTHS, CODEBOOKS, Model
 from ..modules.encoder import EncodecEncoder
 from ..modules.features import MelFeatures
 from ..modules.streaming import StreamingVocos, decode_in_chunks
-from ..modules.vocoder import BatchedVocos
+from ..modules.vocoder import KERNEL_METHODS, BatchedVocos
 from ..paths import DEFAULT_REPOSITORY, template_repository
 from ..serving.codebooks import TABLE_FILE, CodebookTable
 from ..serving.torchscript import ARTIFACT  # the file the serving models load
 from . import checkpoints as ck
+from .half import halve_vocoder
 from .quantize import fidelity, quantize_vocoder, set_quantized_engine
 from .random_checkpoints import WARNING as RANDOM_WARNING
 from .random_checkpoints import synthetic_voice, write_all
@@ -48,9 +49,10 @@ PROVENANCE = "provenance.json"
 REFERENCE_TOLERANCE = 1e-4  # eager module vs the reference packages, per item
 SCRIPT_TOLERANCE = 1e-5  # TorchScript artifact vs the eager module
 PROBE_SAMPLES = (513, 7_777, 24_000, 50_001)  # minimum mel length, odd lengths, 1 s, ~2 s
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "fp16")
 INT8_MIN_SNR_DB = 25.0  # a floor below what the opt-in int8 vocoders measure (docs/performance.md)
-#: the models whose artifact ``--precision int8`` replaces
+FP16_MIN_SNR_DB = 40.0  # the opt-in fp16-backbone vocoders (GPU), see vocos_triton.build.half
+#: the models whose artifact ``--precision int8`` / ``fp16`` replaces
 VOCODERS = (Model.VOCOS_MEL, Model.VOCOS_ENCODEC)
 
 
@@ -108,6 +110,10 @@ class ModuleArtifact(Artifact):
         """The opt-in int8 version of a vocoder artifact (see :mod:`vocos_triton.build.quantize`)."""
         set_quantized_engine()
         return replace(self, module=quantize_vocoder(self.module), min_snr_db=INT8_MIN_SNR_DB, precision="int8")
+
+    def halved(self) -> ModuleArtifact:
+        """The opt-in fp16-backbone version of a vocoder artifact (see :mod:`vocos_triton.build.half`)."""
+        return replace(self, module=halve_vocoder(self.module), min_snr_db=FP16_MIN_SNR_DB, precision="fp16")
 
     def save_verified(self, version_dir: Path, freeze: bool) -> Tuple[Path, Dict[str, object]]:
         scripted, parity = script_and_verify(self, freeze=freeze)
@@ -264,7 +270,7 @@ def script_and_verify(artifact: ModuleArtifact, freeze: bool = True) -> Tuple[to
                               f"reference (< {artifact.min_snr_db})")
     scripted = torch.jit.script(module)
     if freeze:
-        exported = [name for name in ("output_samples", "output_frames") if hasattr(module, name)]
+        exported = [name for name in ("output_samples", "output_frames", *KERNEL_METHODS) if hasattr(module, name)]
         scripted = torch.jit.freeze(scripted.eval(), preserved_attrs=exported)
     with torch.inference_mode():
         script_out = scripted(*artifact.probe.inputs)
@@ -299,7 +305,8 @@ def build_repository(
 ) -> Dict[str, Dict[str, object]]:
     """Write every artifact that the given checkpoints allow; returns the provenance per model.
 
-    ``precision="int8"`` (opt-in) writes int8 vocoders (the other models stay fp32).
+    ``precision="int8"`` (opt-in, CPU) writes int8 vocoders, ``"fp16"`` (opt-in, GPU) vocoders with an
+    fp16 backbone; the other models stay fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
@@ -313,8 +320,8 @@ def build_repository(
             artifacts += encodec_artifacts(vocos_encodec, encodec, audio)
     written = {}
     for artifact in artifacts:
-        if precision == "int8" and artifact.name in VOCODERS:
-            artifact = artifact.quantized()
+        if precision != "fp32" and artifact.name in VOCODERS:
+            artifact = artifact.quantized() if precision == "int8" else artifact.halved()
         version_dir = output / artifact.name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
         path, parity = artifact.save_verified(version_dir, freeze)
@@ -370,7 +377,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="DEMO ONLY: write random-initialised checkpoints into DIR and build from them")
     parser.add_argument("--no-freeze", action="store_true", help="keep the TorchScript modules unfrozen")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="opt-in int8 vocoders (CPU only; fidelity recorded in provenance.json)")
+                        help="opt-in int8 vocoders (CPU) or fp16-backbone vocoders (GPU); fidelity recorded "
+                             "in provenance.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -32,6 +32,9 @@ class Int8Linear(nn.Module):
         scale = float(weight.abs().max()) / 127.0
         self.linear.set_weight_bias(torch.quantize_per_tensor(weight.float(), scale, 0, torch.qint8), bias.float())
         self.activation = fused.activation
+        # FusedLinear's attribute, so that the wrapped BatchedVocos' kernel methods still compile;
+        # nothing reads it (ItemByItem does not export them: an int8 layer has one kernel)
+        self.kernel: str = "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)

@@ -83,12 +83,25 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+#: the CPU implementations of :class:`FusedLinear`, switchable in a frozen TorchScript module
+#: (``set_linear_kernel``); which is faster depends on the CPU's ISA and the torch build, see docs/hardware.md
+ONEDNN = "onednn"  # one oneDNN matmul with the activation fused (torch.ops.mkldnn._linear_pointwise)
+ATEN = "aten"  # F.linear (MKL sgemm on the CPU) + F.gelu: two passes, but a different gemm
+LINEAR_KERNELS = (ONEDNN, ATEN)
+#: the methods a vocoder exports to switch kernels; ``torch.jit.freeze`` must preserve them
+KERNEL_METHODS = ("set_linear_kernel", "linear_kernel")
+
+
 class FusedLinear(nn.Module):
     """``x @ weight.T + bias``, then ``activation`` ("gelu" or "none"), on (..., C_in) tensors.
 
-    On the CPU this runs as one oneDNN matmul with the activation fused into it (the op PyTorch's
-    own compiler emits): faster than ``F.linear`` + ``F.gelu`` (docs/performance.md), same arithmetic to ~1e-7.
-    Elsewhere (CUDA) it is plain ``F.linear``.
+    ``kernel`` picks the CPU implementation (both within 1e-7 of the reference): ``"onednn"`` runs one
+    oneDNN matmul with the activation fused into it (the op PyTorch's own compiler emits), faster than
+    ``"aten"`` (``F.linear``, i.e. MKL's sgemm, + ``F.gelu``) with AVX-512. With AVX2 only, oneDNN 3.12
+    (torch 2.13) picks a slower matmul kernel than 3.10 did, and which of the two wins then depends on the
+    CPU, so the stubs measure (``serving/kernels.py``; numbers in docs/hardware.md). Elsewhere (CUDA) it
+    is always ``F.linear``. The attribute survives ``torch.jit.freeze`` because ``set_linear_kernel``
+    (exported by the vocoders) assigns it.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str = "none") -> None:
@@ -98,14 +111,23 @@ class FusedLinear(nn.Module):
         self.register_buffer("weight", weight.detach().contiguous().clone())
         self.register_buffer("bias", bias.detach().contiguous().clone())
         self.activation = activation
-        self.onednn: bool = onednn_available()
+        self.kernel: str = ONEDNN if onednn_available() else ATEN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.onednn and x.device.type == "cpu":
+        if self.kernel == "onednn" and x.device.type == "cpu":  # ONEDNN (TorchScript takes no str globals)
             no_scalars: List[Optional[Union[float, int, complex]]] = []
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, no_scalars, "none")
         y = nn.functional.linear(x, self.weight, self.bias)
         return nn.functional.gelu(y) if self.activation == "gelu" else y
+
+
+def check_linear_kernel(kernel: str) -> str:
+    """``kernel`` if it names a :class:`FusedLinear` implementation, else ValueError."""
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"linear kernel: expected one of {LINEAR_KERNELS}, got {kernel!r}")
+    if kernel == ONEDNN and not onednn_available():
+        raise ValueError("linear kernel 'onednn': this torch has no oneDNN (torch.ops.mkldnn._linear_pointwise)")
+    return kernel
 
 
 class _ConvNeXtBlock(nn.Module):
@@ -132,6 +154,10 @@ class _ConvNeXtBlock(nn.Module):
             w2, b2 = w2 * gamma[:, None], b2 * gamma
         self.pwconv1 = FusedLinear(w1, b1, "gelu")
         self.pwconv2 = FusedLinear(w2, b2)
+
+    def set_linear_kernel(self, kernel: str) -> None:
+        self.pwconv1.kernel = kernel
+        self.pwconv2.kernel = kernel
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         y = conv_time_major(x, self.dw_weight, self.dw_bias, 3, self.channels)
@@ -239,3 +265,15 @@ class BatchedVocos(nn.Module):
     @torch.jit.export
     def output_samples(self, lengths: torch.Tensor) -> torch.Tensor:
         return (lengths - 1) * self.hop_length if self.centered else lengths * self.hop_length
+
+    @torch.jit.export
+    def set_linear_kernel(self, kernel: str) -> None:
+        """Run every Linear layer with ``kernel`` (one of :data:`LINEAR_KERNELS`; validate it first with
+        :func:`check_linear_kernel`, TorchScript cannot raise a helpful error here)."""
+        for block in self.backbone.blocks:
+            block.set_linear_kernel(kernel)
+        self.head.out.kernel = kernel
+
+    @torch.jit.export
+    def linear_kernel(self) -> str:
+        return self.head.out.kernel

@@ -8,7 +8,7 @@ Limits come from the model's ``parameters`` in config.pbtxt: ``max_seconds`` (de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +46,24 @@ def lengths(arrays: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.tensor([a.shape[-1] for a in arrays], dtype=torch.long)
 
 
+#: the input the vocoders time their Linear kernels on at load: one item of about 4 s
+KERNEL_PROBE_SECONDS = 4
+
+
+def _vocoder_probe(channels: int, frames: int, condition: int) -> Tuple[torch.Tensor, ...]:
+    """A vocoder's forward arguments for one random (seeded) item of ``frames`` frames."""
+    features = torch.randn(1, channels, frames, generator=torch.Generator().manual_seed(0))
+    return features, torch.tensor([frames]), torch.tensor([condition])
+
+
+def mel_vocoder_probe() -> Tuple[torch.Tensor, ...]:
+    return _vocoder_probe(c.MEL_BINS, c.mel_frames(KERNEL_PROBE_SECONDS * c.SAMPLE_RATE), 0)
+
+
+def encodec_vocoder_probe() -> Tuple[torch.Tensor, ...]:
+    return _vocoder_probe(c.FEATURE_DIM, c.encodec_frames(KERNEL_PROBE_SECONDS * c.SAMPLE_RATE), 2)
+
+
 class MelFeaturesModel(TorchScriptModel):
     """audio (L,) -> mel (100, 1 + L // 256)."""
 
@@ -76,6 +94,9 @@ class VocosMelModel(TorchScriptModel):
         mel = row[Tensor.MEL]
         c.validate_mel(mel, c.MEL_MIN_FRAMES, self.limits.max_mel_frames)
         return mel.shape[1], MelRow(mel)
+
+    def kernel_probe(self) -> Tuple[torch.Tensor, ...]:
+        return mel_vocoder_probe()
 
     def infer(self, items: List[MelRow]) -> List[Outputs]:
         mels = [it.mel for it in items]
@@ -125,6 +146,9 @@ class VocosEncodecModel(TorchScriptModel):
         features = row[Tensor.FEATURES]
         c.validate_features(features, c.FEATURES_MIN_FRAMES, self.limits.max_code_frames)
         return features.shape[1], FeaturesRow(features, c.validate_bandwidth_id(row[Tensor.BANDWIDTH_ID]))
+
+    def kernel_probe(self) -> Tuple[torch.Tensor, ...]:
+        return encodec_vocoder_probe()
 
     def infer(self, items: List[FeaturesRow]) -> List[Outputs]:
         features = [it.features for it in items]

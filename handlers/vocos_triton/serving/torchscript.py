@@ -1,15 +1,18 @@
 """Base class of the models that run a TorchScript artifact (``model.pt``) with torch."""
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .base import Outputs, RaggedBatchModel
+from .kernels import KernelChoice, choose_linear_kernel, switchable
 
 ARTIFACT = "model.pt"
+log = logging.getLogger("vocos_triton.serving")
 
 
 def set_quantized_engine() -> str:
@@ -28,6 +31,10 @@ def load_torchscript(args: Dict[str, str], version_dir: str,
         torch.set_num_threads(threads)
     if args.get("model_instance_kind") == "GPU":
         device = torch.device("cuda", int(args["model_instance_device_id"]))
+        # fp32 artifacts are exact to the reference (1e-4); TF32 convolutions (cuDNN's default) are
+        # not (~1e-3). The fast GPU path is the opt-in fp16 backbone (make repository PRECISION=fp16).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     else:
         device = torch.device("cpu")
     set_quantized_engine()  # int8 artifacts (opt-in) repack their weights for this engine on load
@@ -43,7 +50,26 @@ class TorchScriptModel(RaggedBatchModel):
     def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
         self.module, self.device, description = load_torchscript(
             args, version_dir, int(self.float_parameter("torch_threads", 0)))
-        return description
+        self.kernel_choice = self.choose_kernel()
+        kernel = f", linear kernel {self.kernel_choice.describe()}" if self.kernel_choice else ""
+        return description + kernel
+
+    def choose_kernel(self) -> Optional[KernelChoice]:
+        """Time the vocoder's Linear kernels on this CPU and keep the faster (see :mod:`.kernels`)."""
+        probe = self.kernel_probe()
+        if probe is None or not switchable(self.module) or self.device.type != "cpu":
+            return None
+        choice = choose_linear_kernel(self.module, [t.to(self.device) for t in probe])
+        line = choice.log_line(self.name)
+        log.info(line)
+        logger = getattr(self.pb, "Logger", None)  # the stub's logger writes into tritonserver's log
+        if logger is not None:
+            logger.log_info(line)
+        return choice
+
+    def kernel_probe(self) -> Optional[Tuple[torch.Tensor, ...]]:
+        """Inputs of a typical forward to time the kernels on; None: the model has no kernel to choose."""
+        return None
 
     def run_batch(self, items: List[Any]) -> List[Outputs]:
         with torch.inference_mode():

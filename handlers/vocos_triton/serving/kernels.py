@@ -1,0 +1,113 @@
+"""Which CPU kernel the vocoders' Linear layers run: chosen by measurement when a model loads.
+
+The fastest of the :data:`~vocos_triton.modules.vocoder.LINEAR_KERNELS` depends on the CPU and on the
+torch build (docs/hardware.md): with AVX-512 the fused oneDNN matmul is the fastest; on an AVX2-only
+CPU, oneDNN 3.12 (torch 2.13, the CPU serving runtime) picks ``brg_matmul:avx2`` for it, slower than
+torch 2.11's ``gemm:jit:f32``, and close to MKL's sgemm behind ``F.linear`` (ahead or behind by CPU).
+Neither the export machine nor the build environment's torch says which one the serving machine
+prefers, so each vocoder stub times both on its
+own CPU, with its own torch, when it loads (a few forwards of a few seconds of audio, alternating the
+kernels so that noise from other processes hits both alike), keeps the faster and logs the times.
+
+``VOCOS_LINEAR_KERNEL=onednn|aten`` forces a kernel (``auto``, the default, measures).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..modules.vocoder import LINEAR_KERNELS, ONEDNN, check_linear_kernel, onednn_available
+
+log = logging.getLogger("vocos_triton.serving.kernels")
+
+KERNEL_ENV = "VOCOS_LINEAR_KERNEL"
+AUTO = "auto"
+#: the stub log line that records a choice: ``LOG_PREFIX <model> {json of KernelChoice}``
+LOG_PREFIX = "linear kernel:"
+#: a kernel other than the default must win by this much (timer noise must not flip the choice back and forth)
+MARGIN = 0.03
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel a vocoder runs, and why: ``how`` is "measured", "forced" (environment) or "only"."""
+
+    kernel: str
+    how: str
+    #: best seconds per forward of the probe input, per kernel ("measured" only)
+    seconds: Dict[str, float]
+    torch: str = torch.__version__
+
+    def describe(self) -> str:
+        times = ", ".join(f"{k} {1000 * s:.1f} ms" for k, s in sorted(self.seconds.items()))
+        return f"{self.kernel} ({self.how}{': ' + times if times else ''}; torch {self.torch})"
+
+    def log_line(self, model: str) -> str:
+        return f"{LOG_PREFIX} {model} {json.dumps(asdict(self), sort_keys=True)}"
+
+
+def parse_log(text: str) -> Dict[str, KernelChoice]:
+    """The choices recorded in a server log, by model (the last one per model wins).
+
+    tritonserver quotes what a stub logs as a JSON string (``"linear kernel: m {\\"how\\": ...}"``);
+    a plain log (``logging``) has the payload as is."""
+    choices = {}
+    for line in text.splitlines():
+        if LOG_PREFIX in line:
+            model, _, payload = line.split(LOG_PREFIX, 1)[1].strip().partition(" ")
+            if payload.endswith('"'):  # the tail of a quoted message
+                payload = json.loads('"' + payload)
+            choices[model] = KernelChoice(**json.loads(payload))
+    return choices
+
+
+def requested_kernel(env: Optional[Dict[str, str]] = None) -> str:
+    """``$VOCOS_LINEAR_KERNEL`` (validated), ``auto`` when unset."""
+    value = (os.environ if env is None else env).get(KERNEL_ENV, AUTO).strip().lower() or AUTO
+    return value if value == AUTO else check_linear_kernel(value)
+
+
+def switchable(module: torch.jit.ScriptModule) -> bool:
+    """Whether ``module`` is a vocoder with switchable Linear kernels (the int8 vocoders are not)."""
+    return hasattr(module, "set_linear_kernel")
+
+
+def time_kernels(module: torch.jit.ScriptModule, args: Sequence[torch.Tensor], kernels: Sequence[str],
+                 rounds: int = 3) -> Dict[str, List[float]]:
+    """Seconds per forward of ``module(*args)`` with each kernel, alternating the kernels round by round
+    after one untimed warm-up forward each (oneDNN creates its primitives on the first call)."""
+    times: Dict[str, List[float]] = {k: [] for k in kernels}
+    with torch.inference_mode():
+        for round_index in range(rounds + 1):
+            for kernel in kernels:
+                module.set_linear_kernel(kernel)
+                started = time.perf_counter()
+                module(*args)
+                if round_index:
+                    times[kernel].append(time.perf_counter() - started)
+    return times
+
+
+def choose_linear_kernel(module: torch.jit.ScriptModule, args: Sequence[torch.Tensor], rounds: int = 3,
+                         env: Optional[Dict[str, str]] = None) -> KernelChoice:
+    """Set ``module``'s Linear kernel: the forced one, else the faster on ``args`` (best of ``rounds``)."""
+    requested = requested_kernel(env)
+    if requested != AUTO:
+        module.set_linear_kernel(requested)
+        return KernelChoice(requested, "forced", {})
+    available = [k for k in LINEAR_KERNELS if k != ONEDNN or onednn_available()]
+    if len(available) == 1:
+        module.set_linear_kernel(available[0])
+        return KernelChoice(available[0], "only", {})
+    best = {k: min(v) for k, v in time_kernels(module, args, available, rounds).items()}
+    default = ONEDNN  # the export's default, kept unless clearly beaten
+    fastest = min(best, key=best.__getitem__)
+    kernel = fastest if best[fastest] < best[default] * (1 - MARGIN) else default
+    module.set_linear_kernel(kernel)
+    return KernelChoice(kernel, "measured", best)
