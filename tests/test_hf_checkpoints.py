@@ -516,7 +516,7 @@ def test_atomic_build_replaces_a_previous_repository_whole(mel_checkpoint, tmp_p
     (output / "stale").mkdir(parents=True)
     (output / "stale" / "leftover.txt").write_text("from an older build")
     written = export.build_repository_atomically(output, mel_checkpoint, None, None)
-    assert set(written) == {Model.MEL_FEATURES, Model.VOCOS_MEL}
+    assert set(written) == {Model.MEL_FEATURES, Model.VOCOS_MEL, Model.VOCOS_MEL_STREAM}
     assert not (output / "stale").exists()
     assert (output / Model.VOCOS_MEL / "1" / ARTIFACT).is_file()
     assert oct(output.stat().st_mode & 0o777) == oct(0o755)

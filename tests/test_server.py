@@ -209,7 +209,7 @@ def test_stubs_run_in_the_serving_runtime_and_the_embedding_without_torch(triton
     runtime = triton.runtime
     stubs = python_stubs(triton.process.pid)
     python_models = [Model.ENCODEC_EMBEDDING, Model.ENCODEC_ENCODER, Model.MEL_FEATURES, Model.VOCOS_ENCODEC,
-                     Model.VOCOS_MEL]
+                     Model.VOCOS_MEL, Model.VOCOS_MEL_STREAM, Model.DECODE_CODES_STREAM]
     assert sorted(stubs.values()) == sorted(python_models)
     for pid, model in stubs.items():
         libraries = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
