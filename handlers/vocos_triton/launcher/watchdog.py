@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .memory import process_tree, stub_model
 
@@ -43,10 +43,12 @@ class StubWatchdog(threading.Thread):
     client SDK retries.
     """
 
-    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.5) -> None:
+    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.5,
+                 headers: Optional[Dict[str, str]] = None) -> None:
         super().__init__(name="stub-watchdog", daemon=True)
         self.server_pid = server_pid
         self.http_url = http_url
+        self.headers = dict(headers or {})  # the admin key: the repository API is restricted
         self.interval_s = interval_s
         self.restarts: List[Tuple[str, float]] = []  # (model, seconds from noticing to loaded)
         self._stop_event = threading.Event()
@@ -56,7 +58,7 @@ class StubWatchdog(threading.Thread):
 
     def _repository_call(self, model: str, action: str) -> None:
         request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
-                                         method="POST", headers={"Content-Type": "application/json"})
+                                         method="POST", headers={"Content-Type": "application/json", **self.headers})
         with urllib.request.urlopen(request, timeout=300) as response:
             response.read()
 
