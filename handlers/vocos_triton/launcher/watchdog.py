@@ -62,7 +62,19 @@ class StubWatchdog(threading.Thread):
         with urllib.request.urlopen(request, timeout=300) as response:
             response.read()
 
+    def model_ready(self, model: str) -> bool:
+        """What tritonserver says: READY for a model whose stub died (2.51 does not notice), not ready
+        for one an operator unloaded (its stub exits too, and must stay gone)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/ready", timeout=10) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
     def restore(self, model: str) -> None:
+        if not self.model_ready(model):
+            log.info("stub of model %r exited while the model is not ready (unloaded); leaving it", model)
+            return
         started = time.monotonic()
         log.warning("stub of model %r died; reloading it", model)
         try:
