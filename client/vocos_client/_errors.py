@@ -128,9 +128,10 @@ _STUB_DIED = re.compile(r"Stub process '[^']+' is not healthy")
 _NO_VERSION_LOADED = re.compile(r"Request for unknown model: '[^']+' has no available versions")
 
 
-# A bounded queue refusing work (tritonserver 2.51's words, code UNAVAILABLE): full, or the request's
-# timeout (the client's deadline, sent with it) passed while it waited.
-_QUEUE_FULL = re.compile(r"Exceeds maximum queue size|Request timeout expired")
+# A bounded queue refusing work (tritonserver 2.51's words, code UNAVAILABLE): full (retry later), or
+# the request's timeout (the caller's deadline, sent with it) passed while it waited (the time is spent).
+_QUEUE_FULL = re.compile(r"Exceeds maximum queue size")
+_QUEUE_TIMEOUT = re.compile(r"Request timeout expired")
 # A restricted protocol without its header (code UNAVAILABLE too, but retrying cannot help)
 _RESTRICTED = re.compile(r"This protocol is restricted, expecting header '([^']+)'")
 
@@ -154,6 +155,9 @@ def from_triton(exc: InferenceServerException) -> VocosError:
                                      status=status, server_message=raw)
     if _QUEUE_FULL.search(raw):
         return ServerBusyError(f"server busy: {message}", status=status, server_message=raw)
+    if _QUEUE_TIMEOUT.search(raw):
+        return DeadlineExceededError(f"deadline passed while queued at the server: {message}", status=status,
+                                     server_message=raw)
     if status == UNAVAILABLE or _model_restarting(status, raw):
         return ServerUnavailableError(message, status=status, server_message=raw)
     if status == DEADLINE_EXCEEDED:
