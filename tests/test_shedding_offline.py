@@ -37,6 +37,15 @@ def test_unavailable_answers_are_told_apart(message, kind):
     assert isinstance(error, ServerUnavailableError) == (kind in (ServerBusyError, ServerUnavailableError))
 
 
+def test_giving_up_keeps_the_kind_of_unavailable():
+    with VocosClient(f"127.0.0.1:{free_port()}", timeout=5) as client:
+        attempts = Attempts(client._options, None, "test")
+        busy = from_triton(InferenceServerException("Exceeds maximum queue size", status=UNAVAILABLE))
+        attempts.next_delay(busy)
+        final = attempts.give_up(busy)
+    assert type(final) is ServerBusyError and final.attempts == 1 and "server busy" in final.message
+
+
 def test_busy_message_says_so_and_unknown_model_is_a_server_error():
     busy = from_triton(InferenceServerException("Exceeds maximum queue size", status=UNAVAILABLE))
     assert busy.message.startswith("server busy: ")

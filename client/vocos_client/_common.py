@@ -235,7 +235,7 @@ class Attempts:
         """The error to raise after the last attempt: the server's message plus what was tried."""
         tries = self.attempt  # next_delay counted every failed attempt, the last one included
         elapsed = time.monotonic() - self.start
-        final = ServerUnavailableError(
+        final = type(error)(  # a ServerBusyError stays one
             f"{error.message} ({self.options.url}; {tries} attempt{'s' if tries != 1 else ''} in {elapsed:.1f} s)",
             status=error.status, server_message=error.server_message)
         final.attempts = tries
