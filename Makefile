@@ -11,7 +11,7 @@ VOCOS_ENCODEC ?= charactr/vocos-encodec-24khz
 ENCODEC_CHECKPOINT ?=
 # RANDOM_WEIGHTS=1: a loudly labelled demo with random-initialised weights (noise, not speech).
 RANDOM_WEIGHTS ?= 0
-# PRECISION=int8: opt-in int8 vocoders (CPU; about 2x faster, about 32 dB SNR against fp32). fp32 is exact.
+# PRECISION=int8: opt-in int8 vocoders (CPU; faster, slightly lossy: docs/performance.md). fp32 is exact.
 PRECISION ?= fp32
 REPOSITORY ?= model_repository
 HOST ?= 127.0.0.1
@@ -37,8 +37,8 @@ LOAD_ARGS ?=
 INSTALLED := $(VENV)/.installed
 
 # The serving runtime: the environment the Python-backend stubs embed. It needs only torch (to load
-# TorchScript), and a CPU-only torch costs each of the five stubs about 160 MB less than the pinned
-# CUDA build (see handlers/vocos_triton/launcher/runtime.py). On this machine kind `torch==2.13.0` is a CPU-only
+# TorchScript), and a CPU-only torch costs each of the five stubs much less memory than the pinned
+# CUDA build (see docs/deployment.md). On this machine kind `torch==2.13.0` is a CPU-only
 # build on disk; elsewhere ask for one, e.g. RUNTIME_TORCH='torch==2.13.0+cpu'
 # RUNTIME_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'. PROFILE=gpu serves from
 # $(VENV) (CUDA torch) instead.

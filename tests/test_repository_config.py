@@ -14,7 +14,8 @@ from vocos_triton.launcher import profiles
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 CONTRACT_CHECKER = REPOSITORY.parent.parent / "shared" / "tools" / "check_contract.py"
 CONFIGS = {p.parent.name: profiles.load_config(p) for p in sorted(REPOSITORY.glob("*/config.pbtxt"))}
-PYTHON_MODELS = sorted(n for n, c in CONFIGS.items() if c.backend == "python")
+PYTHON_MODELS = sorted(n for n, c in CONFIGS.items() if c.backend == "python" and not c.HasField("sequence_batching"))
+STREAMS = sorted(n for n, c in CONFIGS.items() if c.HasField("sequence_batching"))
 ENSEMBLES = sorted(n for n, c in CONFIGS.items() if c.platform == "ensemble")
 
 
@@ -25,6 +26,23 @@ def tensors(config, kind):
 def test_every_contract_model_is_here():
     assert PYTHON_MODELS == ["encodec_embedding", "encodec_encoder", "mel_features", "vocos_encodec", "vocos_mel"]
     assert ENSEMBLES == ["decode_codes", "resynthesize_encodec", "resynthesize_mel"]
+    assert STREAMS == ["decode_codes_stream", "vocos_mel_stream"]
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_streams_are_decoupled_sequences_whose_chunks_share_a_step(name):
+    config = CONFIGS[name]
+    assert config.model_transaction_policy.decoupled and config.max_batch_size > 0
+    batching = config.sequence_batching
+    assert batching.max_sequence_idle_microseconds > 0, "abandoned streams must be freed"
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    # Triton must hand the stub more sequences than it serves, so an extra stream is refused at once
+    assert batching.oldest.max_candidate_sequences > int(params["max_open_sequences"])
+    assert int(params["lookahead_frames"]) == 29 and int(params["max_piece_frames"]) > 0
+    for t in config.input:
+        assert t.allow_ragged_batch == (-1 in t.dims), f"{name}.{t.name}: ragged iff variable length"
+    source = (REPOSITORY / name / "1" / "model.py").read_text()
+    assert "vocos_triton.serving.streaming" in source and len(source.splitlines()) < 10
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -80,3 +80,64 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
     assert ref.max_error(result.as_numpy("waveform")[0], ref.mel_resynthesize(reference_mel, speech_1s)) <= 1e-4
     assert np.isfinite(result.as_numpy("waveform")).all()
     raw.close()
+
+
+def test_killed_streaming_stub_ends_open_streams_and_is_restored(triton, reference_mel):
+    """A stream whose stub dies gets an error it can act on (never a hang); the watchdog restores the
+    model and a new stream is exact again."""
+    import queue
+
+    from vocos_client._errors import ServerUnavailableError, from_triton
+    from vocos_triton.contract import Model, Tensor
+
+    mel = ref.mel_features(reference_mel, _long_speech())
+    offline = ref.mel_decode(reference_mel, mel)
+    results: queue.Queue[Tuple[object, object]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    (stub_pid,) = [pid for pid, m in python_stubs(triton.process.pid).items() if m == Model.VOCOS_MEL_STREAM]
+    chunk = make_inputs({Tensor.MEL: mel})
+    client.async_stream_infer(Model.VOCOS_MEL_STREAM, chunk, sequence_id=77, sequence_start=True,
+                              sequence_end=False, enable_empty_final_response=True)
+    results.get(timeout=60)  # the first piece: the stream is open and computing
+    os.kill(stub_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    error = None
+    while error is None:
+        result, error = results.get(timeout=60)  # raises queue.Empty on a hang
+    ended_after = time.monotonic() - killed_at
+    client.stop_stream()
+    print("stream error after the kill:", error.status(), error.message())
+    assert isinstance(from_triton(error), ServerUnavailableError), (error.status(), error.message())
+
+    restored = None
+    while time.monotonic() - killed_at < 60 and restored is None:
+        stream_results: queue.Queue[Tuple[object, object]] = queue.Queue()
+        client.start_stream(callback=lambda result, error, q=stream_results: q.put((result, error)))
+        client.async_stream_infer(Model.VOCOS_MEL_STREAM, chunk, sequence_id=78, sequence_start=True,
+                                  sequence_end=True, enable_empty_final_response=True)
+        pieces, failed = [], False
+        while True:
+            result, error = stream_results.get(timeout=60)
+            if error is not None:
+                failed = True
+                break
+            if result.as_numpy(Tensor.WAVEFORM) is not None:
+                pieces.append(result.as_numpy(Tensor.WAVEFORM)[0])
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+        if failed:
+            time.sleep(0.25)
+            continue
+        restored = time.monotonic() - killed_at
+        assert ref.max_error(np.concatenate(pieces), offline) <= 1e-4
+    client.close()
+    assert ended_after <= RESTORE_WITHIN_S, ended_after
+    assert restored is not None and restored <= 3 * RESTORE_WITHIN_S, restored
+
+
+def _long_speech() -> np.ndarray:
+    from vocos_triton.speech import speech_clip
+
+    return speech_clip(30 * 24_000, seed=9)

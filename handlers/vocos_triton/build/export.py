@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import logging
 import shutil
@@ -37,6 +38,7 @@ from .quantize import fidelity, quantize_vocoder, set_quantized_engine
 from .random_checkpoints import WARNING as RANDOM_WARNING
 from .random_checkpoints import synthetic_voice, write_all
 from ..serving.torchscript import ARTIFACT  # the file the serving models load
+from ..modules.streaming import StreamingVocos, decode_in_chunks
 from ..modules.vocoder import BatchedVocos
 
 log = logging.getLogger("vocos_triton.build.export")
@@ -46,7 +48,7 @@ REFERENCE_TOLERANCE = 1e-4  # eager module vs the reference packages, per item
 SCRIPT_TOLERANCE = 1e-5  # TorchScript artifact vs the eager module
 PROBE_SAMPLES = (513, 7_777, 24_000, 50_001)  # minimum mel length, odd lengths, 1 s, ~2 s
 PRECISIONS = ("fp32", "int8")
-INT8_MIN_SNR_DB = 25.0  # the opt-in int8 vocoders measure about 30-33 dB against fp32 on speech
+INT8_MIN_SNR_DB = 25.0  # a floor below what the opt-in int8 vocoders measure (docs/performance.md)
 #: the models whose artifact ``--precision int8`` replaces
 VOCODERS = (Model.VOCOS_MEL, Model.VOCOS_ENCODEC)
 
@@ -129,6 +131,58 @@ class TableArtifact(Artifact):
         return path, {"max_abs_error_vs_reference": error, "probe_items": len(self.probe.expected)}
 
 
+#: chunk sizes the streaming export cycles through: single frames, odd sizes, and pieces longer than the
+#: receptive field
+STREAM_PROBE_CHUNKS = (1, 7, 2, 40, 1, 13, 64, 3)
+
+
+def probe_chunks(total: int) -> List[int]:
+    """:data:`STREAM_PROBE_CHUNKS` repeated until they cover ``total`` frames (the last one cut to fit)."""
+    chunks, covered = [], 0
+    for size in itertools.cycle(STREAM_PROBE_CHUNKS):
+        if covered >= total:
+            return chunks
+        chunks.append(min(size, total - covered))
+        covered += chunks[-1]
+    return chunks
+
+
+@dataclass
+class StreamingArtifact(Artifact):
+    """A :class:`StreamingVocos` (``model.pt``), checked by decoding each probe item in chunks; for the
+    EnCodec variant also the codebook table its stub embeds (``codebooks.npy``)."""
+
+    module: StreamingVocos = None  # type: ignore[assignment]
+    conditions: Tuple[int, ...] = ()
+    table: Optional[CodebookTable] = None
+
+    def decode(self, module: torch.nn.Module) -> List[torch.Tensor]:
+        with torch.inference_mode():
+            return [torch.cat(decode_in_chunks(module, features, probe_chunks(features.shape[-1]), condition))
+                    for features, condition in zip(self.probe.inputs, self.conditions)]
+
+    def save_verified(self, version_dir: Path, freeze: bool) -> Tuple[Path, Dict[str, object]]:
+        module = self.module.eval()
+        eager = self.decode(module)
+        reference_error = max(float((e - w).abs().max()) for e, w in zip(self.probe.expected, eager))
+        if reference_error > REFERENCE_TOLERANCE:
+            raise ParityError(f"{self.name}: chunked decoding differs from the reference by {reference_error:.3g}")
+        scripted = torch.jit.script(module)
+        if freeze:
+            scripted = torch.jit.freeze(scripted.eval(), preserved_attrs=["initial_state", "geometry",
+                                                                          "lookahead_frames"])
+        script_error = max(float((e - s).abs().max()) for e, s in zip(eager, self.decode(scripted)))
+        if script_error > SCRIPT_TOLERANCE:
+            raise ParityError(f"{self.name}: TorchScript module differs from eager by {script_error:.3g}")
+        if self.table is not None:
+            self.table.save(version_dir / TABLE_FILE)
+        path = version_dir / ARTIFACT
+        torch.jit.save(scripted, str(path))
+        return path, {"max_abs_error_vs_reference": reference_error, "max_abs_error_script_vs_eager": script_error,
+                      "probe_items": len(self.probe.expected), "probe_chunks": list(STREAM_PROBE_CHUNKS),
+                      "lookahead_frames": int(module.lookahead_frames()), "frozen": freeze}
+
+
 def _max_error(outputs: torch.Tensor, probe: Probe) -> float:
     return max(float((probe.cut(outputs, i).double() - e.double()).abs().max()) for i, e in enumerate(probe.expected))
 
@@ -151,6 +205,8 @@ def mel_artifacts(mel: ck.VocosCheckpoint, audio: List[torch.Tensor]) -> List[Ar
                        module=MelFeatures(reference.feature_extractor)),
         ModuleArtifact(Model.VOCOS_MEL, Probe((pad_batch(mels), frames, torch.zeros_like(frames)), waves), sources,
                        module=BatchedVocos(reference)),
+        StreamingArtifact(Model.VOCOS_MEL_STREAM, Probe(tuple(mels), waves), sources,
+                          module=StreamingVocos(BatchedVocos(reference)), conditions=(0,) * len(mels)),
     ]
 
 
@@ -178,6 +234,9 @@ def encodec_artifacts(vocos_encodec: ck.VocosCheckpoint, encodec: ck.EncodecChec
         TableArtifact(Model.ENCODEC_EMBEDDING, Probe(tuple(codes), features), sources, table=table),
         ModuleArtifact(Model.VOCOS_ENCODEC, Probe((pad_batch(features), frames, bandwidth_ids), waves), sources,
                        module=BatchedVocos(reference)),
+        StreamingArtifact(Model.DECODE_CODES_STREAM, Probe(tuple(features), waves), sources,
+                          module=StreamingVocos(BatchedVocos(reference)),
+                          conditions=tuple(int(b) for b in bandwidth_ids), table=table),
     ]
 
 

@@ -2,10 +2,9 @@
 
 Building the repository needs the reference packages (``vocos``, ``encodec``, hence ``torchaudio``,
 hence the pinned torch 2.11 CUDA build). Serving needs only torch to load TorchScript, and every
-stub process pays for its torch import: 500 MB RSS with 270 MB private for the CUDA build, 220 MB
-with 145 MB private for a CPU-only build. Five stubs make that the bulk of the server's memory
-(1.9 GB PSS with the CUDA build, 1.1 GB with a CPU build, measured on the same repository). So the
-CPU profile serves from a separate, lean environment (``make runtime``: CPU torch + numpy + this
+stub process pays for its torch import, a CUDA build much more private memory than a CPU-only one.
+Five stubs make that the bulk of the server's memory (docs/performance.md, "Serving runtime"). So
+the CPU profile serves from a separate, lean environment (``make runtime``: CPU torch + numpy + this
 package); the GPU profile needs a CUDA build there.
 
 The stub embeds the first ``python3`` on ``PATH`` (see ``../shared/triton-notes.md``), so choosing the

@@ -101,10 +101,9 @@ def openmp_environment(env: Dict[str, str]) -> Dict[str, str]:
     """OpenMP settings for processes that run our modules, unless ``env`` already chooses some.
 
     Every stub is its own process with its own OpenMP pool, and under load several stubs compute at
-    once on the two cores. Threads that busy-wait after a parallel region steal those cores:
-    libgomp's default spin cost 2-5 ms per request; even a short spin (``GOMP_SPINCOUNT=10000``), which
-    makes an isolated 1 s request about 4 ms faster, cut the mixed load test from 124 to 81 audio
-    seconds per second (1000: 116). So idle OpenMP threads sleep at once.
+    once on the same cores. Threads that busy-wait after a parallel region steal those cores from the
+    other stubs: a spin makes an isolated request a little faster but costs a mixed load much more
+    throughput (docs/performance.md, "OpenMP wait policy"). So idle OpenMP threads sleep at once.
     """
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return {}

@@ -22,7 +22,7 @@ complete the backbone, 3 more to complete the overlap-add); see :mod:`vocos_trit
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -113,6 +113,13 @@ class StreamingVocos(nn.Module):
         return state
 
     @torch.jit.export
+    def geometry(self) -> Dict[str, int]:
+        """What the caller needs to cut the audio and end a sequence (attributes do not survive freezing)."""
+        return {"hop_length": self.hop_length, "trim_samples": self.trim_samples, "overlap": self.overlap,
+                "delay_frames": self.delay_frames, "flush_frames": self.flush_frames,
+                "input_channels": self.input_channels, "lookahead_frames": self.lookahead_frames()}
+
+    @torch.jit.export
     def lookahead_frames(self) -> int:
         """Frames after frame j that must have arrived before the j-th hop of audio is final."""
         # Output sample s sits at overlap-add position s + trim, covered by the frames up to
@@ -146,8 +153,10 @@ class StreamingVocos(nn.Module):
         batch, num_frames = x.shape[0], x.shape[1]
         x = self.out(x)
         half = self.n_fft // 2 + 1
-        positions = first[:, None] + torch.arange(num_frames, device=x.device)[None, :]
-        mask = ((positions >= 0) & (positions < ends[:, None])).to(x.dtype)
+        steps = torch.arange(num_frames, device=x.device)[None, :]
+        positions = first[:, None] + steps
+        # padding past a row's own frames must not reach its overlap-add tail
+        mask = ((positions >= 0) & (positions < ends[:, None]) & (steps < lengths[:, None])).to(x.dtype)
         mag = torch.clip(torch.exp(x[:, :, :half]), max=1e2) * mask[:, :, None]
         phase = x[:, :, half:]
         spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
@@ -172,3 +181,41 @@ class StreamingVocos(nn.Module):
             out[:, k : k + num_frames] += chunks[:, :, k]
         return out
 
+
+
+def piece_bounds(geometry: Dict[str, int], position: int, length: int, end: int, last: bool) -> Tuple[int, int]:
+    """Which of a row's ``length * hop`` completed samples are output: ``audio[start:stop]``.
+
+    ``position`` is where the row's frames started in the sequence, ``end`` its real frames so far; the
+    samples before the ISTFT's trim are dropped, and on the ``last`` (flushing) step those past the output.
+    """
+    hop, trim = geometry["hop_length"], geometry["trim_samples"]
+    first_raw = (position - geometry["delay_frames"]) * hop
+    start = max(0, trim - first_raw)
+    stop = length * hop
+    if last:
+        stop = min(stop, (end + geometry["overlap"] - 1) * hop - trim - first_raw)
+    return start, max(start, stop)
+
+
+def decode_in_chunks(module: nn.Module, features: torch.Tensor, chunk_frames: List[int],
+                     condition: int = 0) -> List[torch.Tensor]:
+    """Run one sequence ``features`` (C, T) through a :class:`StreamingVocos` (eager or TorchScript) in
+    chunks of the given sizes (summing to T), the last one flushed; returns each step's output piece."""
+    geometry = {k: int(v) for k, v in module.geometry().items()}
+    state = module.initial_state(1)
+    pieces: List[torch.Tensor] = []
+    position, real = 0, 0
+    for index, count in enumerate(chunk_frames):
+        last = index == len(chunk_frames) - 1
+        frames = features[None, :, real : real + count]
+        if last:
+            frames = torch.cat([frames, frames.new_zeros(1, frames.shape[1], geometry["flush_frames"])], dim=2)
+        length = frames.shape[2]
+        real += count
+        audio, state = module(frames, torch.tensor([length]), torch.tensor([position]), torch.tensor([real]),
+                              torch.tensor([condition]), state)
+        start, stop = piece_bounds(geometry, position, length, real, last)
+        pieces.append(audio[0, start:stop])
+        position += length
+    return pieces

@@ -27,8 +27,8 @@ def conv_time_major(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p
                     groups: int) -> torch.Tensor:
     """A 1-D convolution over time on a (B, T, C) tensor, returning (B, T, C') without copies.
 
-    (B, T, C) memory is a channels-last (B, C, 1, T) image, for which oneDNN's convolution is about
-    10x faster than Conv1d on the transposed tensor (which also costs two copies per call).
+    (B, T, C) memory is a channels-last (B, C, 1, T) image, for which oneDNN's convolution is much
+    faster than Conv1d on the transposed tensor (which also costs two copies per call; docs/performance.md).
     """
     image = x.transpose(1, 2).unsqueeze(2)
     out = nn.functional.conv2d(image, weight, bias, padding=(0, padding), groups=groups)
@@ -87,7 +87,7 @@ class FusedLinear(nn.Module):
     """``x @ weight.T + bias``, then ``activation`` ("gelu" or "none"), on (..., C_in) tensors.
 
     On the CPU this runs as one oneDNN matmul with the activation fused into it (the op PyTorch's
-    own compiler emits): about 2x faster than ``F.linear`` + ``F.gelu`` here, same arithmetic to ~1e-7.
+    own compiler emits): faster than ``F.linear`` + ``F.gelu`` (docs/performance.md), same arithmetic to ~1e-7.
     Elsewhere (CUDA) it is plain ``F.linear``.
     """
 

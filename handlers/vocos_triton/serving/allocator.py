@@ -1,11 +1,9 @@
 """Give freed heap memory back to the OS once a stub holds too much of it (glibc ``malloc_trim``).
 
 glibc keeps the memory of freed activations for reuse, so without a limit a stub stays at the
-high-water mark of the largest batch it ever ran (the EnCodec encoder stub: 250 MB idle, 650 MB
-after a 10-minute load test). Trimming is not free either: the next forward page-faults the
-memory back in, about 10 % of a vocoder forward (a 3000-frame ``vocos_encodec`` batch: 141 ms,
-158 ms right after a trim): when the stubs trimmed after every large forward, one A/B run put 10 s
-EnCodec at 0.85x of in-process against 0.91x without.
+high-water mark of the largest batch it ever ran (the EnCodec encoder stub more than doubles over
+a long load test). Trimming is not free either: the next forward page-faults the memory back in, a
+noticeable share of a vocoder forward, so trimming after every large forward costs throughput.
 
 So a stub may keep ``retain_mb`` of anonymous memory above what it held after warm-up: a steady
 load of bounded batches reuses its activations and never pays the faults, while a rare outsized
@@ -14,8 +12,9 @@ forward that went over the limit.
 
 glibc's own trimming is switched off for the same reason (:func:`hold_freed_memory`): by default it
 gives the top of the heap back whenever a free leaves more than a few MB there, which is after
-nearly every forward, and the next forward faults it back in (2,000-3,000 page faults, 2-4 ms of
-a 32 ms 1 s EnCodec batch of 8).
+nearly every forward, and the next forward faults it back in (thousands of page faults per forward).
+
+The measurements behind this policy are in docs/performance.md ("Heap policy").
 """
 from __future__ import annotations
 
@@ -87,6 +86,14 @@ class MemoryReleaser:
         if self._trim is not None:
             self._trim(0)
             self.baseline = self._resident()
+
+    def release(self) -> bool:
+        """Give the freed heap back now (after dropping state that will not come back); False if disabled."""
+        if self._trim is None:
+            return False
+        self._trim(0)
+        self.trims += 1
+        return True
 
     def after(self) -> bool:
         if self._trim is None or self._resident() - self.baseline <= self.retain_bytes:

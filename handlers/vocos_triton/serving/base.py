@@ -80,14 +80,10 @@ def pad_stack(arrays: Sequence[np.ndarray], dtype: np.dtype = np.float32, value:
     return out
 
 
-class RaggedBatchModel:
-    """Base class of our ``TritonPythonModel`` implementations.
+class TritonModel:
+    """What every Python-backend model of ours reads from its config, and the helpers it shares."""
 
-    Subclasses implement :meth:`load_artifact`, :meth:`parse_row` and :meth:`infer`.
-    """
-
-    # -- Triton entry points -------------------------------------------------------------------
-    def initialize(self, args: Dict[str, str]) -> None:
+    def read_config(self, args: Dict[str, str]) -> None:
         self.pb = importlib.import_module("triton_python_backend_utils")
         self.model_config = json.loads(args["model_config"])
         self.name = self.model_config["name"]
@@ -97,14 +93,42 @@ class RaggedBatchModel:
             t["name"]: self.pb.triton_string_to_numpy(t["data_type"]) for t in self.model_config["output"]
         }
         self.limits = Limits(self.float_parameter("max_seconds", DEFAULT_MAX_SECONDS))
+        self.version_dir = os.path.join(args["model_repository"], args["model_version"])
+
+    def float_parameter(self, key: str, default: float) -> float:
+        value = self.parameters.get(key, "")
+        return float(value) if value.strip() else default
+
+    def read_inputs(self, request: Any) -> Dict[str, np.ndarray]:
+        arrays = {}
+        for name in self.input_names:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise InvalidInput(name, "missing input tensor")
+            arrays[name] = tensor.as_numpy()
+        return arrays
+
+    def error_response(self, message: str, code: int) -> Any:
+        return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
+
+
+class RaggedBatchModel(TritonModel):
+    """Base class of our ``TritonPythonModel`` implementations that answer each request once.
+
+    Subclasses implement :meth:`load_artifact`, :meth:`parse_row` and :meth:`infer`.
+    """
+
+    # -- Triton entry points -------------------------------------------------------------------
+    def initialize(self, args: Dict[str, str]) -> None:
+        self.read_config(args)
         self.max_padded_frames = int(self.float_parameter("max_padded_frames", 16384))
         self.batch_overhead_frames = int(self.float_parameter("batch_overhead_frames", 64))
-        # Asking whether a request was cancelled is an IPC round trip to tritonserver (about 0.1 ms):
+        # Asking whether a request was cancelled is an IPC round trip to tritonserver:
         # worth it before a forward of milliseconds, not before a table lookup of microseconds.
         self.skip_cancelled = self.parameters.get("skip_cancelled", "true").strip().lower() != "false"
         # MB of freed heap the stub may keep for its next forwards before it gives memory back (-1: keep all)
         self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
-        loaded = self.load_artifact(args, os.path.join(args["model_repository"], args["model_version"]))
+        loaded = self.load_artifact(args, self.version_dir)
         self.configure()
         self.warm_up()
         self.memory_releaser.settle()
@@ -187,19 +211,6 @@ class RaggedBatchModel:
         """Drop what :meth:`load_artifact` loaded (override)."""
 
     # -- helpers for subclasses ----------------------------------------------------------------
-    def float_parameter(self, key: str, default: float) -> float:
-        value = self.parameters.get(key, "")
-        return float(value) if value.strip() else default
-
-    def read_inputs(self, request: Any) -> Dict[str, np.ndarray]:
-        arrays = {}
-        for name in self.input_names:
-            tensor = self.pb.get_input_tensor_by_name(request, name)
-            if tensor is None:
-                raise InvalidInput(name, "missing input tensor")
-            arrays[name] = tensor.as_numpy()
-        return arrays
-
     @staticmethod
     def batch_size(arrays: Dict[str, np.ndarray]) -> int:
         sizes = {a.shape[0] for a in arrays.values()}
@@ -217,9 +228,6 @@ class RaggedBatchModel:
             log.warning("%s: skipped a request cancelled by its client", self.name)
             return True
         return False
-
-    def error_response(self, message: str, code: int) -> Any:
-        return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
 
     def run_batch(self, items: List[Any]) -> List[Outputs]:
         """Run :meth:`infer` on one padded batch (a subclass may wrap it, e.g. in inference mode)."""

@@ -2,10 +2,10 @@
 
 The embedding step is a table lookup and a sum over codebooks, a few microseconds of numpy for a
 clip. Running it in numpy means the ``encodec_embedding`` stub never imports torch, which saves that
-process about 190 MB (a torch import is most of a stub's memory, see :mod:`vocos_triton.launcher.runtime`)
-and a millisecond of every ``decode_codes`` request. The codebooks are added in order 0, 1, ..., K-1
-in float32, which is what ``torch.sum(dim=0)`` does for these sizes: the features equal the
-reference bit for bit (the export checks this and tests it on real speech codes).
+process most of its memory (a torch import is most of a stub's memory, see :mod:`vocos_triton.launcher.runtime`)
+and part of a millisecond of every ``decode_codes`` request (docs/performance.md). The codebooks are
+added in order 0, 1, ..., K-1 in float32, which is what ``torch.sum(dim=0)`` does for these sizes: the
+features equal the reference bit for bit (the export checks this and tests it on real speech codes).
 """
 from __future__ import annotations
 

@@ -1,0 +1,345 @@
+"""``vocos_mel_stream`` and ``decode_codes_stream``: decoupled models under Triton's sequence batcher.
+
+Each request carries one chunk of a sequence (``CORRID``; ``START`` on the first, ``END`` on the last)
+and is answered with zero or more ``waveform`` pieces and a final-flagged response. ``execute`` only
+validates and queues: a worker thread runs the sequences that have frames waiting, at most
+``max_piece_frames`` frames of each per step, all of them in one padded forward of the streaming vocoder
+(:class:`vocos_triton.modules.streaming.StreamingVocos`), and sends each sequence the samples that step
+made final. So a long chunk's first audio leaves after one piece, sequences take turns, and the chunks of
+concurrent streams share forwards.
+
+Per sequence the stub keeps the vocoder's state (a few hundred KB) and the frames not yet run. It is
+freed when the sequence ends (after the flush), when its client cancels, and when the sequence has been
+idle for the sequence batcher's ``max_sequence_idle_microseconds`` (Triton drops the sequence then too).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import contract as c
+from ..contract import InvalidInput, Tensor
+from ..modules.streaming import piece_bounds
+from .allocator import MemoryReleaser
+from .base import TritonModel
+from .codebooks import TABLE_FILE, CodebookTable
+from .torchscript import load_torchscript
+
+log = logging.getLogger("vocos_triton.serving.streaming")
+
+START, END, CORRID = "START", "END", "CORRID"
+
+
+@dataclass
+class Chunk:
+    """One request's frames, the sender that answers it, and how far the worker has run them."""
+
+    sender: Any
+    frames: np.ndarray  # (C, T) float32 features of the vocoder
+    end: bool
+    done: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.frames.shape[1] - self.done
+
+
+@dataclass
+class Sequence:
+    """A stream's state between requests."""
+
+    corrid: int
+    condition: int  # bandwidth id (0 for the mel vocoder)
+    state: List[torch.Tensor]
+    bandwidth: Optional[c.Bandwidth] = None
+    accepted: int = 0  # frames accepted from requests (the limit counts these)
+    fed: int = 0  # frames run through the vocoder, flush included
+    chunks: Deque[Chunk] = field(default_factory=collections.deque)
+    last_active: float = field(default_factory=time.monotonic)
+    ending: bool = False  # its END chunk was accepted: no more requests may join it
+
+
+class StreamingModel(TritonModel):
+    """Base of the two streaming models; subclasses say how a request's tensors become vocoder frames."""
+
+    def initialize(self, args: Dict[str, str]) -> None:
+        self.read_config(args)
+        batching = self.model_config.get("sequence_batching", {})
+        self.idle_timeout_s = int(batching.get("max_sequence_idle_microseconds", 0) or 1_000_000_000) / 1e6
+        self.max_piece_frames = int(self.float_parameter("max_piece_frames", 64))
+        self.max_step_sequences = int(self.float_parameter("max_step_sequences", 16))
+        self.max_open_sequences = int(self.float_parameter("max_open_sequences", 32))
+        self.module, self.device, loaded = load_torchscript(args, self.version_dir,
+                                                            int(self.float_parameter("torch_threads", 0)))
+        self.geometry = {k: int(v) for k, v in self.module.geometry().items()}
+        published = int(self.float_parameter("lookahead_frames", -1))
+        if published != self.geometry["lookahead_frames"]:
+            raise ValueError(f"{self.name}: config lookahead_frames is {published}, the artifact's is "
+                             f"{self.geometry['lookahead_frames']}; fix config.pbtxt")
+        self.load_extra()
+        # MB of freed activations the stub may keep for its next steps (see allocator.py; -1: keep all)
+        self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
+        self.sequences: Dict[int, Sequence] = {}
+        self.lock = threading.Condition()
+        self.running = True
+        self.warm_up()
+        self.memory_releaser.settle()
+        self.worker = threading.Thread(target=self.run_worker, name=f"{self.name}-worker", daemon=True)
+        self.worker.start()
+        log.info("%s: loaded %s; lookahead %d frames, pieces of <= %d frames, <= %d open sequences, idle "
+                 "timeout %.0f s", self.name, loaded, self.geometry["lookahead_frames"], self.max_piece_frames,
+                 self.max_open_sequences, self.idle_timeout_s)
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def load_extra(self) -> None:
+        """Load what the model needs besides ``model.pt``."""
+
+    def min_frames(self) -> int:
+        """The least frames a whole sequence may have (the offline model's minimum)."""
+        raise NotImplementedError
+
+    def max_frames(self) -> int:
+        raise NotImplementedError
+
+    def read_chunk(self, arrays: Dict[str, np.ndarray], sequence: Optional[Sequence]) -> tuple:
+        """Validate one request's tensors; return (vocoder frames (C, T), condition, bandwidth or None)."""
+        raise NotImplementedError
+
+    # -- Triton entry points -------------------------------------------------------------------
+    def execute(self, requests: List[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.accept(request, sender)
+            except InvalidInput as exc:
+                self.fail(sender, str(exc), self.pb.TritonError.INVALID_ARG)
+            except ServerBusy as exc:
+                self.fail(sender, str(exc), self.pb.TritonError.UNAVAILABLE)
+            except Exception as exc:  # a bug must fail this request only
+                log.exception("%s: could not read a request", self.name)
+                self.fail(sender, f"{self.name}: {type(exc).__name__}: {exc}", self.pb.TritonError.INTERNAL)
+        return None
+
+    def finalize(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify_all()
+        self.worker.join(timeout=10)
+        self.sequences.clear()
+        self.module = None
+
+    # -- accepting requests --------------------------------------------------------------------
+    def control(self, request: Any, name: str) -> int:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise InvalidInput(name, "missing sequence control input (send with sequence_id / sequence_start / "
+                                     "sequence_end)")
+        return int(tensor.as_numpy().reshape(-1)[0])
+
+    def accept(self, request: Any, sender: Any) -> None:
+        corrid, start, end = self.control(request, CORRID), self.control(request, START), self.control(request, END)
+        arrays = self.read_inputs(request)
+        for name, array in arrays.items():
+            if array.shape[0] != 1:
+                raise InvalidInput(name, f"expected a batch of 1 chunk per request, got {array.shape[0]}")
+        with self.lock:
+            sequence = self.sequences.get(corrid)
+            if start:
+                if sequence is not None:  # a restarted id: the old stream is abandoned
+                    self.drop(sequence, "restarted by a new START")
+                    sequence = None
+                elif len(self.sequences) >= self.max_open_sequences:
+                    raise ServerBusy(f"{self.name}: server busy: {len(self.sequences)} streams are open, the most "
+                                     "this model serves at once; retry shortly")
+            elif sequence is None:
+                raise InvalidInput(CORRID, f"sequence {corrid} was never started (send START on its first chunk) "
+                                           f"or was dropped after {self.idle_timeout_s:g} s idle")
+            elif sequence.ending:
+                raise InvalidInput(CORRID, f"sequence {corrid} has already ended")
+            frames, condition, bandwidth = self.read_chunk({n: a[0] for n, a in arrays.items()}, sequence)
+            accepted = (sequence.accepted if sequence else 0) + frames.shape[1]
+            tensor = self.input_names[0]
+            if accepted > self.max_frames():
+                raise InvalidInput(tensor, f"expected at most {self.max_frames()} frames "
+                                           f"({self.limits.max_seconds:g} s) in a sequence, this chunk brings it to "
+                                           f"{accepted}; end the stream and start another, nothing is truncated")
+            if end and accepted < self.min_frames():
+                if sequence is not None:
+                    self.drop(sequence, "ended too short")
+                raise InvalidInput(tensor, f"expected at least {self.min_frames()} frames in a sequence, it ended "
+                                           f"with {accepted}")
+            if sequence is None:
+                sequence = Sequence(corrid, condition, self.module.initial_state(1), bandwidth)
+                self.sequences[corrid] = sequence
+            sequence.accepted = accepted
+            sequence.ending = bool(end)
+            sequence.last_active = time.monotonic()
+            sequence.chunks.append(Chunk(sender, frames, bool(end)))
+            self.lock.notify()
+
+    def fail(self, sender: Any, message: str, code: int) -> None:
+        sender.send(self.error_response(message, code), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def drop(self, sequence: Sequence, why: str) -> None:
+        """Forget a sequence (with the lock held); its waiting requests are answered with an error."""
+        self.sequences.pop(sequence.corrid, None)
+        for chunk in sequence.chunks:
+            try:
+                self.fail(chunk.sender, f"{self.name}: sequence {sequence.corrid} {why}", self.pb.TritonError.CANCELLED)
+            except Exception:  # its client may be gone: nothing to tell
+                pass
+        sequence.chunks.clear()
+        self.pb.Logger.log_info(f"{self.name}: dropped sequence {sequence.corrid} ({why}); "
+                                f"{len(self.sequences)} open")
+
+    # -- the worker ----------------------------------------------------------------------------
+    def run_worker(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not any(s.chunks for s in self.sequences.values()):
+                    self.lock.wait(timeout=1.0)
+                    self.drop_idle()
+                if not self.running:
+                    return
+                self.drop_idle()
+                step = self.plan_step()
+            if step:
+                self.run_step(step)
+                self.memory_releaser.after()
+
+    def drop_idle(self) -> None:
+        now = time.monotonic()
+        idle = [s for s in self.sequences.values() if not s.chunks and now - s.last_active > self.idle_timeout_s]
+        for sequence in idle:
+            self.drop(sequence, f"idle for more than {self.idle_timeout_s:g} s")
+        if idle and not self.sequences:
+            self.memory_releaser.release()  # nothing is streaming: the heap goes back to its size at start
+
+    def plan_step(self) -> List[tuple]:
+        """Up to ``max_step_sequences`` waiting sequences, longest-waiting first, each with its next piece."""
+        waiting = sorted((s for s in self.sequences.values() if s.chunks), key=lambda s: s.last_active)
+        step = []
+        for sequence in waiting[: self.max_step_sequences]:
+            chunk = sequence.chunks[0]
+            if chunk.sender.is_cancelled():
+                self.drop(sequence, "cancelled by its client")
+                continue
+            count = min(chunk.remaining, self.max_piece_frames)
+            step.append((sequence, chunk, count, chunk.end and count == chunk.remaining))
+        return step
+
+    def run_step(self, step: List[tuple]) -> None:
+        flush = self.geometry["flush_frames"]
+        pieces, lengths, positions, ends = [], [], [], []
+        for sequence, chunk, count, last in step:
+            piece = chunk.frames[:, chunk.done : chunk.done + count]
+            real_fed = sequence.fed
+            if last:
+                piece = np.concatenate([piece, np.zeros((piece.shape[0], flush), np.float32)], axis=1)
+            pieces.append(piece)
+            lengths.append(piece.shape[1])
+            positions.append(sequence.fed)
+            ends.append(real_fed + count)
+        width = max(lengths)
+        frames = np.zeros((len(step), pieces[0].shape[0], width), np.float32)
+        for i, piece in enumerate(pieces):
+            frames[i, :, : piece.shape[1]] = piece
+        state = [torch.cat([s.state[k] for s, *_ in step]) for k in range(len(step[0][0].state))]
+        try:
+            with torch.inference_mode():
+                audio, new_state = self.module(
+                    torch.from_numpy(frames).to(self.device), self.long(lengths), self.long(positions),
+                    self.long(ends), self.long([s.condition for s, *_ in step]), state)
+                audio = audio.cpu().numpy()
+        except Exception as exc:
+            log.exception("%s: a streaming step of %d sequences failed", self.name, len(step))
+            with self.lock:
+                for sequence, *_ in step:
+                    self.drop(sequence, f"failed: inference error {type(exc).__name__}: {exc}")
+            return
+        with self.lock:
+            for i, (sequence, chunk, count, last) in enumerate(step):
+                sequence.state = [tensor[i : i + 1] for tensor in new_state]
+                start, stop = piece_bounds(self.geometry, positions[i], lengths[i], ends[i], last)
+                samples = audio[i, start:stop]
+                sequence.fed += lengths[i]
+                chunk.done += count
+                sequence.last_active = time.monotonic()
+                finished = chunk.remaining == 0
+                if finished:
+                    sequence.chunks.popleft()
+                if last:
+                    self.sequences.pop(sequence.corrid, None)
+                self.send(chunk.sender, samples, finished)
+
+    def send(self, sender: Any, samples: np.ndarray, final: bool) -> None:
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        try:
+            if samples.size:
+                response = self.pb.InferenceResponse(
+                    output_tensors=[self.pb.Tensor(Tensor.WAVEFORM, np.ascontiguousarray(samples[None]))])
+                sender.send(response, flags=flags)
+            elif final:
+                sender.send(flags=flags)
+        except Exception:  # the client went away: its sequence is dropped when it is next seen cancelled
+            log.warning("%s: could not send a piece", self.name, exc_info=True)
+
+    def long(self, values: List[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def warm_up(self) -> None:
+        """Two forwards (TorchScript profiles its first runs) on zeros, a few pieces' worth."""
+        channels = self.geometry["input_channels"]
+        for _ in range(2):
+            with torch.inference_mode():
+                frames = torch.zeros(1, channels, self.max_piece_frames, device=self.device)
+                self.module(frames, self.long([self.max_piece_frames]), self.long([0]), self.long([8]),
+                            self.long([0]), self.module.initial_state(1))
+
+
+class ServerBusy(RuntimeError):
+    """Every sequence slot is taken: the client should retry (``UNAVAILABLE``)."""
+
+
+class VocosMelStreamModel(StreamingModel):
+    """mel chunks (100, T >= 1) -> waveform pieces; the whole equals ``vocos_mel`` on the whole mel."""
+
+    def min_frames(self) -> int:
+        return c.MEL_MIN_FRAMES
+
+    def max_frames(self) -> int:
+        return self.limits.max_mel_frames
+
+    def read_chunk(self, arrays: Dict[str, np.ndarray], sequence: Optional[Sequence]) -> tuple:
+        mel = arrays[Tensor.MEL]
+        c.validate_mel(mel, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames())
+        return np.ascontiguousarray(mel, dtype=np.float32), 0, None
+
+
+class DecodeCodesStreamModel(StreamingModel):
+    """EnCodec code chunks (K, T >= 1) at one bandwidth -> waveform pieces; the whole equals ``decode_codes``."""
+
+    def load_extra(self) -> None:
+        self.table = CodebookTable.load(f"{self.version_dir}/{TABLE_FILE}")
+
+    def min_frames(self) -> int:
+        return c.CODES_MIN_FRAMES
+
+    def max_frames(self) -> int:
+        return self.limits.max_code_frames
+
+    def read_chunk(self, arrays: Dict[str, np.ndarray], sequence: Optional[Sequence]) -> tuple:
+        bandwidth = c.Bandwidth.parse(arrays[Tensor.BANDWIDTH])
+        if sequence is not None and sequence.bandwidth != bandwidth:
+            raise InvalidInput(Tensor.BANDWIDTH, f"expected the sequence's bandwidth, {sequence.bandwidth.kbps:g} "
+                                                 f"kbps, for every chunk, got {bandwidth.kbps:g}")
+        codes = arrays[Tensor.CODES]
+        c.validate_codes(codes, bandwidth, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames())
+        return self.table.features(codes), bandwidth.index, bandwidth
