@@ -3,7 +3,9 @@
 Seeded, so a failure replays. Each case starts from a valid request for a model (built from the
 contract) and breaks it one or more ways: shapes and ranks, dtypes, sizes (up to tens of MB), values
 (NaN, Inf, huge, out-of-range codes), missing and extra tensors, a data size that disagrees with the
-shape, batch sizes beyond the model's maximum, wrong model names.
+shape, batch sizes beyond the model's maximum, wrong model names. The streaming models get truncated
+streams: abandoned mid-way, END never sent, chunks for sequences that never started, bad chunks inside
+good sequences, correlation id 0, whole streams cancelled by their client.
 
 Every answer must be a success or ``INVALID_ARGUMENT``; a model name the server does not serve gets
 Triton's ``NOT_FOUND`` ("Request for unknown model"), which the SDK raises as ``ServerError`` (it is no
@@ -14,10 +16,13 @@ request afterwards returns the same audio as before.
 from __future__ import annotations
 
 import collections
+import queue
+import re
 import time
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
+import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from vocos_triton.contract import BANDWIDTHS, CODEBOOK_SIZE, CODEBOOKS, FEATURE_DIM, MEL_BINS, Model, Tensor
@@ -195,4 +200,154 @@ def test_fuzzed_requests_never_hurt_the_server(triton, grpc_client):
     assert (list(triton.watchdog.restarts) if triton.watchdog else []) == restarts
     assert outcomes["StatusCode.INVALID_ARGUMENT"] > CASES // 2 and outcomes["success"] > 0
     after = reference_request(grpc_client)
+    assert after.shape == before.shape and np.array_equal(after, before)
+
+
+# -- truncated and malformed streams ------------------------------------------------------------------
+STREAM_CASES = 150
+MAX_ABANDONED = 8  # open sequences left without END at once (the models serve 32; other tests need them)
+# what a refused chunk's message may say (a stream's errors carry no gRPC status, only the text): the
+# contract's "<tensor>: expected ..." or Triton core's checks of the request; never a stub failure
+_STREAM_REFUSAL = re.compile(r"^(?:\[request id: [^\]]*\] )?(?:(?:mel|codes|bandwidth|CORRID): |.*input '|"
+                             r".*correlation ID|.*unexpected (?:inference )?input|.*expected)")
+
+
+class FuzzStream:
+    """One gRPC stream; every answer lands in a queue, as (sequence id, pieces or None, error or None)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = grpcclient.InferenceServerClient(url)
+        self.answers: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.answers.put((result, error)))
+
+    def send(self, model: str, sequence_id: int, start: bool, end: bool, inputs: Inputs) -> None:
+        self.client.async_stream_infer(model, make_inputs(inputs, batch=False), request_id=str(sequence_id),
+                                       sequence_id=sequence_id, sequence_start=start, sequence_end=end,
+                                       enable_empty_final_response=True)
+
+    def finals(self, count: int) -> Tuple[List[np.ndarray], List[str]]:
+        """Wait for ``count`` final responses: the pieces and the error messages that came meanwhile."""
+        pieces, errors = [], []
+        while count:
+            result, error = self.answers.get(timeout=120)
+            if error is not None:
+                errors.append(error.message())
+                count -= 1
+                continue
+            waveform = result.as_numpy(Tensor.WAVEFORM)
+            if waveform is not None:
+                pieces.append(waveform[0])
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                count -= 1
+        return pieces, errors
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def stream_chunk(model: str, rng: np.random.Generator, kbps: float, frames: int) -> Inputs:
+    if model == Model.VOCOS_MEL_STREAM:
+        return {Tensor.MEL: rng.standard_normal((1, MEL_BINS, frames)).astype(np.float32)}
+    k = CODEBOOKS[BANDWIDTHS.index(kbps)]
+    return {Tensor.CODES: rng.integers(0, CODEBOOK_SIZE, (1, k, frames)).astype(np.int64),
+            Tensor.BANDWIDTH: np.array([[kbps]], np.float32)}
+
+
+def bad_chunk(model: str, rng: np.random.Generator, kbps: float) -> Inputs:
+    chunk = stream_chunk(model, rng, kbps, int(rng.integers(1, 40)))
+    kind = int(rng.integers(5))
+    if kind == 0:
+        wrong_dtype(rng, chunk)
+    elif kind == 1:
+        wrong_dims(rng, chunk)
+    elif kind == 2:
+        bad_values(rng, chunk)
+    elif kind == 3:
+        batch_size(rng, chunk)
+    elif model == Model.DECODE_CODES_STREAM:  # a bandwidth change mid-sequence
+        other = float(rng.choice([b for b in BANDWIDTHS if b != kbps]))
+        chunk = {**stream_chunk(model, rng, other, 5)}
+    else:
+        missing_tensor(rng, chunk)
+    return chunk
+
+
+def valid_stream(url: str, rng_seed: int) -> np.ndarray:
+    rng = np.random.default_rng(rng_seed)
+    mel = rng.standard_normal((1, MEL_BINS, 90)).astype(np.float32)
+    stream = FuzzStream(url)
+    try:
+        for i, (a, b) in enumerate([(0, 7), (7, 50), (50, 90)]):
+            stream.send(Model.VOCOS_MEL_STREAM, 999_000 + rng_seed, i == 0, i == 2, {Tensor.MEL: mel[:, :, a:b]})
+        pieces, errors = stream.finals(3)
+    finally:
+        stream.close()
+    assert not errors, errors
+    return np.concatenate(pieces)
+
+
+def test_truncated_and_malformed_streams_never_hurt_the_server(triton, grpc_client):
+    """Streams abandoned mid-way, END never sent, chunks for sequences that never started, bad chunks
+    inside good sequences, sequence id 0, whole streams cancelled: every answer is a success or a
+    refusal naming what was wrong, nothing crashes, and a valid stream afterwards is unchanged."""
+    config = grpc_client.get_model_config(Model.VOCOS_MEL_STREAM, as_json=True)["config"]
+    idle_s = int(config["sequence_batching"]["max_sequence_idle_microseconds"]) / 1e6
+    before = valid_stream(triton.grpc_url, 1)
+    stubs = sorted(python_stubs(triton.process.pid).items())
+    restarts = list(triton.watchdog.restarts) if triton.watchdog else []
+    rng = np.random.default_rng(SEED + 1)
+    stream = FuzzStream(triton.grpc_url)
+    outcomes: collections.Counter = collections.Counter()
+    unexplained: List[str] = []
+    abandoned = 0
+    next_id = 500_000
+    try:
+        for case in range(STREAM_CASES):
+            model = [Model.VOCOS_MEL_STREAM, Model.DECODE_CODES_STREAM][int(rng.integers(2))]
+            kbps = float(rng.choice(BANDWIDTHS))
+            next_id += 1
+            kind = int(rng.integers(5))
+            if kind == 0 and abandoned < MAX_ABANDONED:  # abandoned mid-way: END never sent
+                chunks = int(rng.integers(1, 4))
+                for i in range(chunks):
+                    stream.send(model, next_id, i == 0, False, stream_chunk(model, rng, kbps, int(rng.integers(1, 40))))
+                abandoned += 1
+                expected_finals = chunks
+            elif kind == 1:  # a chunk for a sequence that never started
+                stream.send(model, next_id, False, bool(rng.integers(2)), stream_chunk(model, rng, kbps, 5))
+                expected_finals = 1
+            elif kind == 2:  # a bad chunk inside a good sequence, which then ends normally
+                stream.send(model, next_id, True, False, stream_chunk(model, rng, kbps, 5))
+                stream.send(model, next_id, False, False, bad_chunk(model, rng, kbps))
+                stream.send(model, next_id, False, True, stream_chunk(model, rng, kbps, 5))
+                expected_finals = 3
+            elif kind == 3:  # correlation id 0 is "no sequence" to Triton
+                stream.send(model, 0, True, True, stream_chunk(model, rng, kbps, 5))
+                expected_finals = 1
+            else:  # a whole sequence in one or two chunks
+                stream.send(model, next_id, True, False, stream_chunk(model, rng, kbps, int(rng.integers(1, 20))))
+                stream.send(model, next_id, False, True, stream_chunk(model, rng, kbps, int(rng.integers(1, 20))))
+                expected_finals = 2
+            _, errors = stream.finals(expected_finals)
+            outcomes["refused" if errors else "answered"] += 1
+            unexplained += [f"case {case}: {e[:200]}" for e in errors if not _STREAM_REFUSAL.match(e)]
+        for _ in range(2):  # whole streams cancelled by their client mid-sequence
+            doomed = FuzzStream(triton.grpc_url)
+            next_id += 1
+            doomed.send(Model.VOCOS_MEL_STREAM, next_id, True, False,
+                        stream_chunk(Model.VOCOS_MEL_STREAM, rng, 6.0, 200))
+            doomed.close(cancel=True)
+            abandoned += 1
+    finally:
+        stream.close()
+    print(f"\nstream fuzz: {STREAM_CASES} cases: {dict(outcomes)}, {abandoned} sequences abandoned")
+    assert not unexplained, unexplained[:5]
+    assert outcomes["refused"] > 0 and outcomes["answered"] > 0
+    time.sleep(idle_s + 2.5)  # abandoned sequences are dropped after the idle timeout: leave the slots free
+    assert triton.process.poll() is None and grpc_client.is_server_ready()
+    assert grpc_client.is_model_ready(Model.VOCOS_MEL_STREAM) and grpc_client.is_model_ready(Model.DECODE_CODES_STREAM)
+    assert sorted(python_stubs(triton.process.pid).items()) == stubs, "a stub died (and was replaced)"
+    assert (list(triton.watchdog.restarts) if triton.watchdog else []) == restarts
+    after = valid_stream(triton.grpc_url, 1)
     assert after.shape == before.shape and np.array_equal(after, before)
