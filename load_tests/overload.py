@@ -9,12 +9,14 @@ Starts its own tritonserver on free loopback ports (unless ``--url`` names a run
    throughput completed within the deadline against the capacity (target >= 80 %) and the p95 time
    the server took to refuse a request it had no room for (target <= 50 ms).
 3. **Burst**: ``--burst`` concurrent ``--burst-clip-seconds`` clips with ``--burst-deadline`` s deadlines;
-   once every call of the burst has returned, one more clip is timed (target <= 1 s), and the server's
+   once the deadlines have passed, one more clip is timed (target <= 1 s), and the server's
    PSS (tritonserver + stubs) is sampled until it is back within 200 MB of its pre-burst level
    (target <= 30 s).
 
-Everything is also written to ``<out>/overload.json``. The numbers depend on the CPU and on what else
-runs on it: the script prints the CPU model with them.
+Each call is one attempt made the way the SDK makes it (the deadline as gRPC deadline and as Triton's
+request timeout, the SDK's error mapping) from tensors serialized once, so that the client takes as
+little of the shared CPU as it can. Everything is also written to ``<out>/overload.json``. The
+numbers depend on the CPU and on what else runs on it: the script prints the CPU model with them.
 
     python load_tests/overload.py [--repository model_repository] [--profile cpu] [--seconds 60]
         [--load 3] [--deadline 2] [--burst 200] [--burst-clip-seconds 60] [--burst-deadline 5]
@@ -35,9 +37,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
 
-from vocos_client import AsyncVocosClient, DeadlineExceededError, ServerBusyError, VocosError
-from vocos_triton.contract import SAMPLE_RATE, Model
+from vocos_client import DeadlineExceededError, ServerBusyError, VocosError
+from vocos_client._common import request_timeout_us
+from vocos_client._errors import from_triton
+from vocos_triton.contract import SAMPLE_RATE, Model, Tensor
 from vocos_triton.launcher.memory import process_tree_pss
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
 from vocos_triton.speech import speech_clip
@@ -71,10 +77,25 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-async def call(client: AsyncVocosClient, audio: np.ndarray, deadline: float) -> Outcome:
+def request_inputs(audio: np.ndarray) -> list:
+    """The request's tensors, serialized once and reused by every call: the client shares the two cores
+    with the server, and 200 x 60 s clips prepared per call (1.1 GB) kept the burst from ever reaching
+    it within its deadlines."""
+    batch = np.ascontiguousarray(audio[None], dtype=np.float32)
+    tensor = aioclient.InferInput(Tensor.AUDIO, list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch)
+    return [tensor]
+
+
+async def call(client: aioclient.InferenceServerClient, inputs: list, deadline: float) -> Outcome:
+    """One attempt as the SDK makes it (deadline as gRPC deadline and as Triton's request timeout, its
+    error mapping), without retries, so that every refusal is seen as the server gave it."""
     start = time.monotonic()
     try:
-        await client.synthesize(audio=audio, sample_rate=SAMPLE_RATE, timeout=deadline)
+        try:
+            await client.infer(MODEL, inputs, client_timeout=deadline, timeout=request_timeout_us(deadline))
+        except InferenceServerException as exc:
+            raise from_triton(exc) from exc
         elapsed = time.monotonic() - start
         return Outcome(start, elapsed, "ok" if elapsed <= deadline else "late")
     except ServerBusyError as exc:
@@ -85,7 +106,7 @@ async def call(client: AsyncVocosClient, audio: np.ndarray, deadline: float) -> 
         return Outcome(start, time.monotonic() - start, "error", f"{type(exc).__name__}: {exc.message[:120]}")
 
 
-async def capacity(client: AsyncVocosClient, audio: np.ndarray, seconds: float, concurrency: int) -> float:
+async def capacity(client: aioclient.InferenceServerClient, audio: list, seconds: float, concurrency: int) -> float:
     """Completed requests per second of a closed loop of ``concurrency`` callers (no deadline pressure)."""
     done: List[Outcome] = []
     stop_at = time.monotonic() + seconds
@@ -100,7 +121,7 @@ async def capacity(client: AsyncVocosClient, audio: np.ndarray, seconds: float, 
     return ok / (time.monotonic() - start)
 
 
-async def open_loop(client: AsyncVocosClient, audio: np.ndarray, rate: float, seconds: float,
+async def open_loop(client: aioclient.InferenceServerClient, audio: list, rate: float, seconds: float,
                     deadline: float) -> List[Outcome]:
     """Poisson arrivals at ``rate`` per second for ``seconds``; each call on its own, never awaited by the next."""
     rng = random.Random(14)
@@ -149,17 +170,25 @@ class PssSampler(threading.Thread):
         self.join()
 
 
-async def burst(client: AsyncVocosClient, pid: Optional[int], n: int, clip_seconds: float, deadline: float,
-                probe: np.ndarray, settle_s: float) -> Dict[str, float]:
-    long_audio = speech_clip(int(clip_seconds * SAMPLE_RATE), seed=3)
+async def burst(client: aioclient.InferenceServerClient, pid: Optional[int], n: int, clip_seconds: float,
+                deadline: float, probe: list, settle_s: float) -> Dict[str, float]:
+    long_audio = request_inputs(speech_clip(int(clip_seconds * SAMPLE_RATE), seed=3))
     sampler = PssSampler(pid) if pid else None
     before = float(process_tree_pss(pid)["total_mb"]) if pid else float("nan")
     if sampler:
         sampler.start()
     start = time.monotonic()
+
+    async def probe_after_the_deadlines() -> Outcome:
+        # the burst's deadlines have passed (its calls may still be returning): from here on the server
+        # owes them nothing, so a new request must not wait behind their work
+        await asyncio.sleep(deadline + 0.1)
+        return await call(client, probe, 60.0)
+
+    probing = asyncio.ensure_future(probe_after_the_deadlines())
     outcomes = await asyncio.gather(*(call(client, long_audio, deadline) for _ in range(n)))
     returned = time.monotonic()
-    first = await call(client, probe, 60.0)
+    first = await probing
     result = {"n": float(n), "clip_seconds": clip_seconds, "deadline_s": deadline,
               "n_ok": float(sum(o.kind == "ok" for o in outcomes)),
               "n_busy": float(sum(o.kind == "busy" for o in outcomes)),
@@ -186,8 +215,9 @@ async def burst(client: AsyncVocosClient, pid: Optional[int], n: int, clip_secon
 
 async def scenario(args: argparse.Namespace, url: str, pid: Optional[int]) -> Report:
     report = Report(cpu=cpu_model())
-    clip = speech_clip(int(args.clip_seconds * SAMPLE_RATE), seed=1)
-    async with AsyncVocosClient(url, retries=0, timeout=120) as client:
+    clip = request_inputs(speech_clip(int(args.clip_seconds * SAMPLE_RATE), seed=1))
+    client = aioclient.InferenceServerClient(url)
+    try:
         await call(client, clip, 120.0)  # warm-up
         report.capacity_rps = await capacity(client, clip, args.capacity_seconds, args.concurrency)
         print(f"capacity (1x, closed loop of {args.concurrency}, {args.clip_seconds:g} s clips): "
@@ -218,6 +248,8 @@ async def scenario(args: argparse.Namespace, url: str, pid: Optional[int]) -> Re
                 print(f"  server PSS: {b['pss_before_mb']:.0f} MB before, peak {b['pss_peak_mb']:.0f} MB, "
                       f"back within 200 MB after {b['pss_back_within_200mb_after_s']:.1f} s (target <= 30 s)",
                       flush=True)
+    finally:
+        await client.close()
     return report
 
 
