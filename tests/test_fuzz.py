@@ -207,9 +207,12 @@ def test_fuzzed_requests_never_hurt_the_server(triton, grpc_client):
 STREAM_CASES = 150
 MAX_ABANDONED = 8  # open sequences left without END at once (the models serve 32; other tests need them)
 # what a refused chunk's message may say (a stream's errors carry no gRPC status, only the text): the
-# contract's "<tensor>: expected ..." or Triton core's checks of the request; never a stub failure
+# contract's "<tensor>: expected ..." or Triton core's checks of the request (its sequence batcher
+# refuses a chunk for a sequence that never started itself: "must specify the START flag"), all
+# INVALID_ARG on a plain call; never a stub failure
 _STREAM_REFUSAL = re.compile(r"^(?:\[request id: [^\]]*\] )?(?:(?:mel|codes|bandwidth|CORRID): |.*input '|"
-                             r".*correlation ID|.*unexpected (?:inference )?input|.*expected)")
+                             r".*correlation ID|.*must specify the START flag|.*unexpected (?:inference )?input|"
+                             r".*expected)")
 
 
 class FuzzStream:
