@@ -209,10 +209,10 @@ MAX_ABANDONED = 8  # open sequences left without END at once (the models serve 3
 # what a refused chunk's message may say (a stream's errors carry no gRPC status, only the text): the
 # contract's "<tensor>: expected ..." or Triton core's checks of the request (its sequence batcher
 # refuses a chunk for a sequence that never started, "must specify the START flag", and a batch of
-# several chunks, "must specify batch-size 1"), all
+# several chunks, "must specify batch-size 1" / "batch-size must be <= 8"), all
 # INVALID_ARG on a plain call; never a stub failure
 _STREAM_REFUSAL = re.compile(r"^(?:\[request id: [^\]]*\] )?(?:(?:mel|codes|bandwidth|CORRID): |.*input '|"
-                             r".*correlation ID|.*must specify (?:the START flag|batch-size 1)|"
+                             r".*correlation ID|.*must specify the START flag|.*batch-size|"
                              r".*unexpected (?:inference )?input|.*expected)")
 
 
