@@ -86,7 +86,10 @@ class StreamingModel(TritonModel):
         self.load_extra()
         # MB of freed activations the stub may keep for its next steps (see allocator.py; -1: keep all)
         self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
-        self.sequences: Dict[int, Sequence] = {}
+        self.sequences: Dict[int, Sequence] = {}  # open sequences by CORRID
+        # sequences whose END was accepted and whose frames are still being run: their CORRID may already
+        # start a new sequence
+        self.closing: List[Sequence] = []
         self.lock = threading.Condition()
         self.running = True
         self.warm_up()
@@ -129,10 +132,9 @@ class StreamingModel(TritonModel):
 
     def finalize(self) -> None:
         with self.lock:
-            self.running = False
+            self.running = False  # the worker answers what is waiting with an error, then stops
             self.lock.notify_all()
         self.worker.join(timeout=10)
-        self.sequences.clear()
         self.module = None
 
     # -- accepting requests --------------------------------------------------------------------
@@ -161,8 +163,6 @@ class StreamingModel(TritonModel):
             elif sequence is None:
                 raise InvalidInput(CORRID, f"sequence {corrid} was never started (send START on its first chunk) "
                                            f"or was dropped after {self.idle_timeout_s:g} s idle")
-            elif sequence.ending:
-                raise InvalidInput(CORRID, f"sequence {corrid} has already ended")
             frames, condition, bandwidth = self.read_chunk({n: a[0] for n, a in arrays.items()}, sequence)
             accepted = (sequence.accepted if sequence else 0) + frames.shape[1]
             tensor = self.input_names[0]
@@ -180,6 +180,9 @@ class StreamingModel(TritonModel):
                 self.sequences[corrid] = sequence
             sequence.accepted = accepted
             sequence.ending = bool(end)
+            if end:
+                self.sequences.pop(corrid, None)
+                self.closing.append(sequence)
             sequence.last_active = time.monotonic()
             sequence.chunks.append(Chunk(sender, frames, bool(end)))
             self.lock.notify()
@@ -189,7 +192,10 @@ class StreamingModel(TritonModel):
 
     def drop(self, sequence: Sequence, why: str) -> None:
         """Forget a sequence (with the lock held); its waiting requests are answered with an error."""
-        self.sequences.pop(sequence.corrid, None)
+        if self.sequences.get(sequence.corrid) is sequence:
+            del self.sequences[sequence.corrid]
+        if sequence in self.closing:
+            self.closing.remove(sequence)
         for chunk in sequence.chunks:
             try:
                 self.fail(chunk.sender, f"{self.name}: sequence {sequence.corrid} {why}", self.pb.TritonError.CANCELLED)
@@ -200,31 +206,39 @@ class StreamingModel(TritonModel):
                                 f"{len(self.sequences)} open")
 
     # -- the worker ----------------------------------------------------------------------------
+    def active(self) -> List[Sequence]:
+        return [*self.closing, *self.sequences.values()]
+
     def run_worker(self) -> None:
         while True:
-            with self.lock:
-                while self.running and not any(s.chunks for s in self.sequences.values()):
-                    self.lock.wait(timeout=1.0)
+            try:
+                with self.lock:
+                    while self.running and not any(s.chunks for s in self.active()):
+                        self.lock.wait(timeout=1.0)
+                        self.drop_idle()
+                    if not self.running:
+                        for sequence in self.active():
+                            self.drop(sequence, "ended: the model is being unloaded")
+                        return
                     self.drop_idle()
-                if not self.running:
-                    return
-                self.drop_idle()
-                step = self.plan_step()
-            if step:
-                self.run_step(step)
-                self.memory_releaser.after()
+                    step = self.plan_step()
+                if step:
+                    self.run_step(step)
+                    self.memory_releaser.after()
+            except Exception:  # the worker must outlive any one step, or every stream would hang
+                log.exception("%s: streaming worker step failed", self.name)
 
     def drop_idle(self) -> None:
         now = time.monotonic()
         idle = [s for s in self.sequences.values() if not s.chunks and now - s.last_active > self.idle_timeout_s]
         for sequence in idle:
             self.drop(sequence, f"idle for more than {self.idle_timeout_s:g} s")
-        if idle and not self.sequences:
+        if idle and not self.sequences and not self.closing:
             self.memory_releaser.release()  # nothing is streaming: the heap goes back to its size at start
 
     def plan_step(self) -> List[tuple]:
         """Up to ``max_step_sequences`` waiting sequences, longest-waiting first, each with its next piece."""
-        waiting = sorted((s for s in self.sequences.values() if s.chunks), key=lambda s: s.last_active)
+        waiting = sorted((s for s in self.active() if s.chunks), key=lambda s: s.last_active)
         step = []
         for sequence in waiting[: self.max_step_sequences]:
             chunk = sequence.chunks[0]
@@ -275,8 +289,8 @@ class StreamingModel(TritonModel):
                 finished = chunk.remaining == 0
                 if finished:
                     sequence.chunks.popleft()
-                if last:
-                    self.sequences.pop(sequence.corrid, None)
+                if last and sequence in self.closing:
+                    self.closing.remove(sequence)
                 self.send(chunk.sender, samples, finished)
 
     def send(self, sender: Any, samples: np.ndarray, final: bool) -> None:
