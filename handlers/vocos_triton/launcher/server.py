@@ -395,8 +395,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         build_dir=args.build_dir, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
         runtime_python=args.runtime_python, admin_key_file=args.admin_key_file, admin_key=not args.no_admin_key,
         api_key_file=args.api_key_file, tls=tls))
-    for warning in exposure_warnings(args.host, tls is not None, not args.no_admin_key, args.api_key_file is not None):
-        print(("!" * 100 + "\n!! " if warning.startswith("WARNING") else "") + warning, file=sys.stderr, flush=True)
 
     stopping = []
 
@@ -412,6 +410,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(_banner(server) + f"\n(started in {time.monotonic() - started:.1f} s)", flush=True)
+    # after the banner, so that they are the last thing on the screen
+    for warning in exposure_warnings(args.host, tls is not None, not args.no_admin_key, args.api_key_file is not None):
+        print(("!" * 100 + "\n!! " if warning.startswith("WARNING") else "") + warning, file=sys.stderr, flush=True)
     while not stopping and server.process is not None and server.process.poll() is None:
         time.sleep(0.5)
     if stopping:
