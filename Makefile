@@ -21,6 +21,13 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 PROFILE ?= cpu
+# Exposure (docs/exposure.md): the admin key file (created, mode 0600, when absent; default
+# build/triton/admin.key), an optional API key file for inference, gRPC TLS (TLS_CA: mutual TLS).
+ADMIN_KEY_FILE ?=
+API_KEY_FILE ?=
+TLS_CERT ?=
+TLS_KEY ?=
+TLS_CA ?=
 PYTEST_ARGS ?=
 LOAD_USERS ?= 8
 LOAD_SPAWN_RATE ?= 2
@@ -50,7 +57,7 @@ endif
 # read by vocos_triton.launcher.server (and so by the tests, the bench and the load test)
 export VOCOS_RUNTIME_PYTHON := $(RUNTIME_PYTHON)
 
-.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test cluster-test bench bench-stream gpu-check clean
+.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test cluster-test bench bench-stream gpu-check overload clean
 
 install: $(INSTALLED)
 
@@ -88,7 +95,9 @@ repository: install
 
 serve: repository runtime
 	$(PY) -m vocos_triton.launcher.server --model-repository $(REPOSITORY) --host $(HOST) \
-	  --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --profile $(PROFILE)
+	  --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --profile $(PROFILE) \
+	  $(if $(ADMIN_KEY_FILE),--admin-key-file '$(ADMIN_KEY_FILE)') $(if $(API_KEY_FILE),--api-key-file '$(API_KEY_FILE)') \
+	  $(if $(TLS_CERT),--tls-cert '$(TLS_CERT)') $(if $(TLS_KEY),--tls-key '$(TLS_KEY)') $(if $(TLS_CA),--tls-ca '$(TLS_CA)')
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -131,6 +140,15 @@ bench-stream: install runtime system-deps
 # Real weights: GPU_CHECK_ARGS="--mel DIR --encodec DIR --encodec-checkpoint FILE" (default: random weights).
 gpu-check: install system-deps
 	$(PY) load_tests/gpu_check.py --out results/gpu-check $(GPU_CHECK_ARGS)
+
+# Shedding under overload: capacity at 1x, open-loop 3x for OVERLOAD_SECONDS with 2 s deadlines, then a
+# burst of 200 x 60 s requests with 5 s deadlines; prints goodput, refusal latency, recovery, PSS.
+OVERLOAD_SECONDS ?= 60
+OVERLOAD_ARGS ?=
+overload: install runtime system-deps
+	@ls $(REPOSITORY)/*/1/model.pt >/dev/null 2>&1 || $(MAKE) repository
+	$(PY) load_tests/overload.py --repository $(REPOSITORY) --profile $(PROFILE) --seconds $(OVERLOAD_SECONDS) \
+	  --out results/overload $(OVERLOAD_ARGS)
 
 clean:
 	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/codebooks.npy $(REPOSITORY)/*/1/provenance.json

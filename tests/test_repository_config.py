@@ -69,6 +69,15 @@ def test_python_models_batch_raggedly_and_delegate_to_the_package(name):
     assert float(params["max_seconds"]) == 60 and int(params["max_padded_frames"]) > 0
 
 
+@pytest.mark.parametrize("name", PYTHON_MODELS)
+def test_python_models_have_bounded_queues_that_honour_the_callers_deadline(name):
+    """docs/exposure.md: a full queue refuses at once, a request whose deadline passed leaves the queue."""
+    policy = CONFIGS[name].dynamic_batching.default_queue_policy
+    assert 8 <= policy.max_queue_size <= 256, "bounded, and room for a few full batches"
+    assert policy.timeout_action == policy.REJECT and policy.allow_timeout_override
+    assert 0 < policy.default_timeout_microseconds <= 120_000_000
+
+
 @pytest.mark.parametrize("name", ENSEMBLES)
 def test_ensemble_graph_resolves_with_matching_types_and_dims(name):
     config = CONFIGS[name]

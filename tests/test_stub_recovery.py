@@ -23,7 +23,9 @@ from vocos_triton.launcher.watchdog import python_stubs
 import reference_outputs as ref
 from triton_helpers import make_inputs
 
-RESTORE_WITHIN_S = 10.0
+# generous: the reload took 2.6-6 s on an idle machine and 13 s with three callers and other jobs on the
+# two cores; what this test is about is that no caller loses a request meanwhile
+RESTORE_WITHIN_S = 30.0
 
 
 def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_mel, speech_1s):
@@ -34,8 +36,8 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
     sdk_results: List[object] = []
     stop = threading.Event()
 
-    def sdk_load() -> None:  # what a TTS stack does: keep synthesizing, with retries
-        with VocosClient(triton.grpc_url, timeout=60, retries=20, backoff=0.25) as client:
+    def sdk_load() -> None:  # what a TTS stack does: keep synthesizing, with the SDK's default settings
+        with VocosClient(triton.grpc_url) as client:
             while not stop.is_set():
                 try:
                     sdk_results.append(client.synthesize(mel=mel))
@@ -43,8 +45,11 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
                     sdk_results.append(exc)
 
     (stub_pid,) = [pid for pid, model in python_stubs(triton.process.pid).items() if model == "vocos_mel"]
-    worker = threading.Thread(target=sdk_load)
-    worker.start()
+    # under load: several callers at once; default settings retry within the call's deadline (60 s),
+    # not a count, so none of them loses a request while the model reloads
+    workers = [threading.Thread(target=sdk_load) for _ in range(3)]
+    for worker in workers:
+        worker.start()
     time.sleep(1.0)
     os.kill(stub_pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -59,15 +64,16 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
             time.sleep(0.1)
     time.sleep(1.0)
     stop.set()
-    worker.join(timeout=120)
+    for worker in workers:
+        worker.join(timeout=120)
 
     assert raw_statuses, "requests right after the kill should have failed"
     assert restored_after is not None and restored_after <= RESTORE_WITHIN_S, (restored_after, raw_statuses)
     assert [m for m in python_stubs(triton.process.pid).values()].count("vocos_mel") == 1
     assert triton.watchdog is not None and [m for m, _ in triton.watchdog.restarts] == ["vocos_mel"]
     errors = [r for r in sdk_results if isinstance(r, Exception)]
-    assert not errors, errors[:3]
-    assert len(sdk_results) >= 2
+    assert not errors, f"{len(errors)} of {len(sdk_results)} calls failed: {errors[:3]}"
+    assert len(sdk_results) >= 6
     for waveform in sdk_results:
         assert ref.max_error(waveform, expected) <= 1e-4
     # the ensembles that use the model work again too

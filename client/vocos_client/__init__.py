@@ -17,7 +17,15 @@ from __future__ import annotations
 
 from ._aio import AsyncVocosClient
 from ._client import VocosClient
-from ._errors import DeadlineExceededError, InvalidInputError, ServerError, ServerUnavailableError, VocosError
+from ._errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    PermissionDeniedError,
+    ServerBusyError,
+    ServerError,
+    ServerUnavailableError,
+    VocosError,
+)
 from ._inputs import MODELS, SAMPLE_RATE, pcm_to_float32, resample
 
 __version__ = "0.1.0"
@@ -28,6 +36,8 @@ __all__ = [
     "VocosError",
     "InvalidInputError",
     "ServerUnavailableError",
+    "ServerBusyError",
+    "PermissionDeniedError",
     "DeadlineExceededError",
     "ServerError",
     "SAMPLE_RATE",

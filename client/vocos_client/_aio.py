@@ -71,11 +71,12 @@ class AsyncVocosClient(ClientBase):
         attempts = Attempts(self._options, timeout, "ready")
         names = list(ENTRY_MODELS if models is None else models)
         try:
-            if not await client.is_server_ready(client_timeout=attempts.remaining()):
+            if not await client.is_server_ready(headers=self._options.headers(), client_timeout=attempts.remaining()):
                 log.info("server at %s is not ready", self.url)
                 return False
             for name in names:
-                if not await client.is_model_ready(name, client_timeout=attempts.remaining()):
+                if not await client.is_model_ready(name, headers=self._options.headers(),
+                                                  client_timeout=attempts.remaining()):
                     log.info("model %s at %s is not ready", name, self.url)
                     return False
         except InferenceServerException as exc:
@@ -159,7 +160,8 @@ class AsyncVocosClient(ClientBase):
         while True:
             try:
                 result = await client.infer(request.model, inputs, outputs=self._outputs,
-                                            client_timeout=attempts.remaining())
+                                            client_timeout=attempts.remaining(), headers=self._options.headers(),
+                                            timeout=attempts.request_timeout_us())
                 return waveform(result, request.model)
             except InferenceServerException as exc:
                 error = from_triton(exc)

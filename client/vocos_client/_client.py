@@ -40,14 +40,21 @@ class VocosClient(ClientBase):
             Each method also takes ``timeout=`` to override it for that call. Running out while the
             server answers raises :class:`DeadlineExceededError`; while it stays unavailable, the
             call stops before a retry would pass the deadline and raises :class:`ServerUnavailableError`.
-        retries: how many times a call is resent after ``UNAVAILABLE`` (never after any other error).
-        backoff: the first retry waits this many seconds, each further one twice as long (±20 % jitter).
+        retries: how many times a call may be resent after ``UNAVAILABLE`` (never after any other error);
+            ``None`` (default): as often as the call's deadline allows (60 s when ``timeout`` is ``None``).
+            ``UNAVAILABLE`` covers no connection, a model reloading after its stub died, and a full
+            queue (:class:`ServerBusyError`); each attempt carries the time left as Triton's request
+            timeout, so the server drops it from its queue when the caller stops waiting.
+        backoff: the first retry waits this many seconds, each further one twice as long, up to 2 s (±20 % jitter).
         ssl: use a TLS channel; ``root_certificates`` (PEM file of the CA; default: gRPC's roots),
             ``private_key`` and ``certificate_chain`` (PEM files of a client certificate, for mutual TLS).
         max_seconds: the longest item in seconds of 24 kHz audio; must match the server's ``max_seconds``
             model parameter (60 by default). Longer inputs are rejected, never truncated.
         validate: check inputs against the serving contract before sending (default). ``False`` leaves
             the checks to the server (same messages, one round trip later); meant for tests.
+        api_key: the key a server started with ``--api-key-file`` requires for inference (sent as gRPC
+            metadata on every call; use TLS so that it does not cross the network in plaintext).
+            Without it such a server raises :class:`PermissionDeniedError`.
 
     Use it as a context manager, or call :meth:`close`. Thread-safe: one client can serve many threads.
     """
@@ -100,11 +107,12 @@ class VocosClient(ClientBase):
         attempts = Attempts(self._options, timeout, "ready")
         names = list(ENTRY_MODELS if models is None else models)
         try:
-            if not client.is_server_ready(client_timeout=attempts.remaining()):
+            if not client.is_server_ready(headers=self._options.headers(), client_timeout=attempts.remaining()):
                 log.info("server at %s is not ready", self.url)
                 return False
             for name in names:
-                if not client.is_model_ready(name, client_timeout=attempts.remaining()):
+                if not client.is_model_ready(name, headers=self._options.headers(),
+                                            client_timeout=attempts.remaining()):
                     log.info("model %s at %s is not ready", name, self.url)
                     return False
         except InferenceServerException as exc:
@@ -210,7 +218,8 @@ class VocosClient(ClientBase):
         while True:
             try:
                 result = client.infer(request.model, inputs, outputs=self._outputs,
-                                      client_timeout=attempts.remaining())
+                                      client_timeout=attempts.remaining(), headers=self._options.headers(),
+                                      timeout=attempts.request_timeout_us())
                 return waveform(result, request.model)
             except InferenceServerException as exc:
                 error = from_triton(exc)

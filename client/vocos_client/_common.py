@@ -14,6 +14,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vocos_triton.contract import Access
+
 from ._errors import InvalidInputError, ServerError, ServerUnavailableError, VocosError
 from ._inputs import MODELS, OUTPUT, SAMPLE_RATE, Limits, Request, prepare
 
@@ -24,6 +26,10 @@ PathOrStr = Union[str, "PathLike[str]"]
 BatchItem = Union[np.ndarray, Sequence[Any], Mapping[str, Any]]
 
 _INT32_MAX = 2**31 - 1
+#: with ``retries=None`` and no deadline (``timeout=None``), a call still stops retrying after this long
+UNBOUNDED_RETRY_WINDOW_S = 60.0
+#: the longest sleep between two attempts (the backoff doubles up to it)
+MAX_BACKOFF_S = 2.0
 
 ProgressCallback = Callable[[int], None]
 
@@ -146,7 +152,7 @@ class Options:
 
     url: str
     timeout: Optional[float]
-    retries: int
+    retries: Optional[int]  # None: as many as the deadline allows
     backoff: float
     ssl: bool
     root_certificates: Optional[str]
@@ -154,13 +160,15 @@ class Options:
     certificate_chain: Optional[str]
     validate: bool
     limits: Limits
+    api_key: Optional[str] = None
 
     @classmethod
-    def make(cls, url: Endpoints, *, timeout: Optional[float], retries: int, backoff: float, ssl: bool,
+    def make(cls, url: Endpoints, *, timeout: Optional[float], retries: Optional[int], backoff: float, ssl: bool,
              root_certificates: Optional[PathOrStr], private_key: Optional[PathOrStr],
-             certificate_chain: Optional[PathOrStr], validate: bool, max_seconds: float) -> Options:
-        if retries < 0:
-            raise ValueError(f"retries: expected >= 0, got {retries}")
+             certificate_chain: Optional[PathOrStr], validate: bool, max_seconds: float,
+             api_key: Optional[str] = None) -> Options:
+        if retries is not None and retries < 0:
+            raise ValueError(f"retries: expected >= 0 or None, got {retries}")
         if backoff < 0:
             raise ValueError(f"backoff: expected >= 0 seconds, got {backoff}")
         if timeout is not None and timeout <= 0:
@@ -176,8 +184,14 @@ class Options:
                 raise FileNotFoundError(f"TLS file not found: {os.fspath(value)}")
             return os.fspath(value)
 
-        return cls(url, timeout, int(retries), float(backoff), bool(ssl), path(root_certificates),
-                   path(private_key), path(certificate_chain), bool(validate), Limits(max_seconds))
+        return cls(url, timeout, None if retries is None else int(retries), float(backoff), bool(ssl),
+                   path(root_certificates), path(private_key), path(certificate_chain), bool(validate),
+                   Limits(max_seconds), checked_api_key(api_key))
+
+    def headers(self) -> Dict[str, str]:
+        """gRPC metadata every call sends (``headers=`` of tritonclient's methods, streams included):
+        the API key, when there is one."""
+        return {Access.grpc_header(Access.API_KEY): self.api_key} if self.api_key else {}
 
     def client_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for ``tritonclient.grpc[.aio].InferenceServerClient``."""
@@ -204,6 +218,33 @@ class Options:
         return prepare(limits=self.limits, validate=self.validate, **kwargs)
 
 
+def checked_api_key(value: Optional[str]) -> Optional[str]:
+    """The API key as sent (surrounding whitespace, e.g. a file's newline, dropped); ``None`` for none."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("api_key: expected a non-empty printable string without spaces")
+    return value
+
+
+def read_api_key(path: Optional[PathOrStr] = None) -> Optional[str]:
+    """The API key from ``path`` (one line), else from ``$VOCOS_API_KEY``, else ``None``."""
+    if path is not None:
+        with open(path) as handle:
+            return checked_api_key(handle.read())
+    return checked_api_key(os.environ[Access.API_KEY_ENV]) if os.environ.get(Access.API_KEY_ENV) else None
+
+
+def request_timeout_us(remaining_s: Optional[float]) -> Optional[int]:
+    """The call's remaining time as Triton's request timeout (microseconds; ``None``: the server's default).
+
+    Sent with each attempt, it makes the server drop the request from its queue once the caller has
+    stopped waiting (an ensemble passes it on to its steps), instead of computing it for nobody.
+    """
+    return None if remaining_s is None else max(1, int(remaining_s * 1e6))
+
+
 class ClientBase:
     """What both clients share before they talk: the validated options, ``url``, ``sample_rate``, repr.
 
@@ -219,7 +260,7 @@ class ClientBase:
         url: Endpoints = "localhost:8001",
         *,
         timeout: Optional[float] = 60.0,
-        retries: int = 3,
+        retries: Optional[int] = None,
         backoff: float = 0.2,
         ssl: bool = False,
         root_certificates: Optional[PathOrStr] = None,
@@ -227,11 +268,12 @@ class ClientBase:
         certificate_chain: Optional[PathOrStr] = None,
         max_seconds: float = 60.0,
         validate: bool = True,
+        api_key: Optional[str] = None,
     ) -> None:
         self._options = Options.make(url, timeout=timeout, retries=retries, backoff=backoff, ssl=ssl,
                                      root_certificates=root_certificates, private_key=private_key,
                                      certificate_chain=certificate_chain, validate=validate,
-                                     max_seconds=max_seconds)
+                                     max_seconds=max_seconds, api_key=api_key)
         self._open()
 
     def _open(self) -> None:
@@ -248,9 +290,10 @@ class ClientBase:
 class Attempts:
     """The retry schedule of one call: a deadline over all attempts, exponential backoff with jitter.
 
-    Only ``UNAVAILABLE`` is retried (no connection, server or model not ready): synthesis has no state,
-    so resending a request is safe. ``INVALID_ARGUMENT`` would fail the same way again, and
-    ``DEADLINE_EXCEEDED`` means the time is spent.
+    Only ``UNAVAILABLE`` is retried (no connection, server or model not ready, server busy): synthesis
+    has no state, so resending a request is safe. ``INVALID_ARGUMENT`` would fail the same way again,
+    and ``DEADLINE_EXCEEDED`` means the time is spent. With ``retries=None`` (the default) the deadline
+    alone bounds the retries: a stub reload takes seconds, and a count of retries runs out first.
     """
 
     def __init__(self, options: Options, timeout: Optional[float], what: str) -> None:
@@ -272,25 +315,39 @@ class Attempts:
     def next_delay(self, error: ServerUnavailableError) -> Optional[float]:
         """Seconds to sleep before retrying after ``error``, or ``None`` when the call must give up."""
         self.attempt += 1
-        if self.attempt > self.options.retries:
+        if self.options.retries is not None and self.attempt > self.options.retries:
             return None
-        delay = self.options.backoff * (2 ** (self.attempt - 1)) * random.uniform(0.8, 1.2)
-        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+        delay = retry_delay(self.options.backoff, self.attempt)
+        deadline = self.deadline
+        if deadline is None and self.options.retries is None:
+            deadline = self.start + UNBOUNDED_RETRY_WINDOW_S
+        if deadline is not None and time.monotonic() + delay >= deadline:
             return None
-        log.warning("%s: server unavailable at %s (%s); retry %d of %d in %.2f s", self.what,
-                    self.options.url, error.message, self.attempt, self.options.retries, delay)
+        log.warning("%s: server unavailable at %s (%s); retry %d%s in %.2f s", self.what, self.options.url,
+                    error.message, self.attempt, "" if self.options.retries is None else f" of {self.options.retries}",
+                    delay)
         return delay
+
+    def request_timeout_us(self) -> Optional[int]:
+        """The next attempt's deadline as Triton's request timeout (see :func:`request_timeout_us`)."""
+        return request_timeout_us(None if self.deadline is None else self.remaining())
 
     def give_up(self, error: ServerUnavailableError) -> ServerUnavailableError:
         """The error to raise after the last attempt: the server's message plus what was tried."""
         tries = self.attempt  # next_delay counted every failed attempt, the last one included
         elapsed = time.monotonic() - self.start
-        final = ServerUnavailableError(
+        final = type(error)(  # a ServerBusyError stays one
             f"{error.message} ({self.options.url}; {tries} attempt{'s' if tries != 1 else ''} in {elapsed:.1f} s)",
             status=error.status, server_message=error.server_message)
         final.attempts = tries
         final.__cause__ = error.__cause__ or error
         return final
+
+
+def retry_delay(backoff: float, attempt: int) -> float:
+    """Seconds before retry ``attempt`` (1, 2, ...): ``backoff`` doubling up to :data:`MAX_BACKOFF_S`,
+    ±20 % jitter so that clients refused together do not come back together."""
+    return min(backoff * (2 ** min(attempt - 1, 30)), max(MAX_BACKOFF_S, backoff)) * random.uniform(0.8, 1.2)
 
 
 def waveform(result: Any, model: str) -> np.ndarray:

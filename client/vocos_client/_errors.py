@@ -14,12 +14,14 @@ from typing import Optional
 
 from tritonclient.utils import InferenceServerException
 
-from vocos_triton.contract import Tensor
+from vocos_triton.contract import Access, Tensor
 
 __all__ = [
     "VocosError",
     "InvalidInputError",
     "ServerUnavailableError",
+    "ServerBusyError",
+    "PermissionDeniedError",
     "DeadlineExceededError",
     "ServerError",
 ]
@@ -94,6 +96,17 @@ class ServerUnavailableError(VocosError):
     attempts: Optional[int] = None
 
 
+class ServerBusyError(ServerUnavailableError):
+    """The server refused the request at once because the model's queue is full, or the request's
+    deadline passed while it queued (``UNAVAILABLE``); retried with backoff within the call's deadline."""
+
+
+class PermissionDeniedError(VocosError):
+    """The server requires a key this call did not carry (an API key for inference, the admin key for
+    the repository API), or carried a wrong one. Never retried. The server's ``UNAVAILABLE`` status
+    is kept in ``.status``."""
+
+
 class DeadlineExceededError(VocosError, TimeoutError):
     """The call's ``timeout`` ran out before the server answered (``DEADLINE_EXCEEDED``)."""
 
@@ -115,6 +128,14 @@ _STUB_DIED = re.compile(r"Stub process '[^']+' is not healthy")
 _NO_VERSION_LOADED = re.compile(r"Request for unknown model: '[^']+' has no available versions")
 
 
+# A bounded queue refusing work (tritonserver 2.51's words, code UNAVAILABLE): full (retry later), or
+# the request's timeout (the caller's deadline, sent with it) passed while it waited (the time is spent).
+_QUEUE_FULL = re.compile(r"Exceeds maximum queue size")
+_QUEUE_TIMEOUT = re.compile(r"Request timeout expired")
+# A restricted protocol without its header (code UNAVAILABLE too, but retrying cannot help)
+_RESTRICTED = re.compile(r"This protocol is restricted, expecting header '([^']+)'")
+
+
 def _model_restarting(status: Optional[str], message: str) -> bool:
     return (status == "StatusCode.INTERNAL" and bool(_STUB_DIED.search(message))) or (
         status == "StatusCode.NOT_FOUND" and bool(_NO_VERSION_LOADED.search(message)))
@@ -127,6 +148,16 @@ def from_triton(exc: InferenceServerException) -> VocosError:
     message = _TRITON_PREFIXES.sub("", raw, count=1) or raw
     if status == INVALID_ARGUMENT:
         return InvalidInputError(message, tensor=tensor_of(message), status=status, server_message=raw)
+    restricted = _RESTRICTED.search(raw)
+    if restricted:
+        return PermissionDeniedError(f"the server requires a key (header {restricted.group(1)!r}): pass api_key= "
+                                     f"(CLI: --api-key-file or ${Access.API_KEY_ENV}); {message}",
+                                     status=status, server_message=raw)
+    if _QUEUE_FULL.search(raw):
+        return ServerBusyError(f"server busy: {message}", status=status, server_message=raw)
+    if _QUEUE_TIMEOUT.search(raw):
+        return DeadlineExceededError(f"deadline passed while queued at the server: {message}", status=status,
+                                     server_message=raw)
     if status == UNAVAILABLE or _model_restarting(status, raw):
         return ServerUnavailableError(message, status=status, server_message=raw)
     if status == DEADLINE_EXCEEDED:

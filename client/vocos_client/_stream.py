@@ -418,9 +418,9 @@ class _Session:
     kept for a retry until the server acknowledges the first one, and per-request send times."""
 
     def __init__(self, client: Any, model: str, *, attempts: Optional[Attempts] = None,
-                 timeout: Optional[float] = None) -> None:
+                 timeout: Optional[float] = None, headers: Optional[Dict[str, str]] = None) -> None:
         self._stub = client._client_stub
-        self._metadata = tuple(client._get_metadata(dict(STREAM_HEADERS)))
+        self._metadata = tuple(client._get_metadata({**STREAM_HEADERS, **(headers or {})}))
         self.model = model
         self.attempts = attempts  # None: no retry, ``timeout`` bounds the call
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -468,8 +468,8 @@ class StreamSession(_Session):
     """
 
     def __init__(self, client: Any, model: str, *, attempts: Optional[Attempts] = None,
-                 timeout: Optional[float] = None) -> None:
-        super().__init__(client, model, attempts=attempts, timeout=timeout)
+                 timeout: Optional[float] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(client, model, attempts=attempts, timeout=timeout, headers=headers)
         self._lock = threading.Lock()
         self._opened = threading.Event()  # set by the first send (or a cancel)
 
@@ -634,7 +634,8 @@ def _open_ended(checker: ChunkChecker, source: Iterator[Any],
 
 def stream(client: Any, options: Options, plan: StreamPlan, timeout: Optional[float]) -> Iterator[np.ndarray]:
     """The generator behind :meth:`VocosClient.stream`: float32 pieces in order."""
-    session = StreamSession(client, plan.model, attempts=Attempts(options, timeout, plan.model))
+    session = StreamSession(client, plan.model, attempts=Attempts(options, timeout, plan.model),
+                            headers=options.headers())
     feeder: Optional[_Feeder] = None
     try:
         if plan.chunks is not None:
@@ -670,8 +671,8 @@ class AsyncStreamSession(_Session):
     """The asyncio twin of :class:`StreamSession` on a ``tritonclient.grpc.aio`` client."""
 
     def __init__(self, client: Any, model: str, *, attempts: Optional[Attempts] = None,
-                 timeout: Optional[float] = None) -> None:
-        super().__init__(client, model, attempts=attempts, timeout=timeout)
+                 timeout: Optional[float] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(client, model, attempts=attempts, timeout=timeout, headers=headers)
         self._lock = asyncio.Lock()
         self._opened = asyncio.Event()
 
@@ -805,7 +806,8 @@ async def astream(client: Callable[[], Any], options: Options, plan: StreamPlan,
                   timeout: Optional[float]) -> AsyncIterator[np.ndarray]:
     """The async generator behind :meth:`AsyncVocosClient.stream`; ``client()`` gives the aio client (its
     channel is made in the running loop, on first use)."""
-    session = AsyncStreamSession(client(), plan.model, attempts=Attempts(options, timeout, plan.model))
+    session = AsyncStreamSession(client(), plan.model, attempts=Attempts(options, timeout, plan.model),
+                                 headers=options.headers())
     feeder: Optional[asyncio.Task] = None
     try:
         if plan.chunks is not None:

@@ -11,6 +11,8 @@ Usage::
   to mono. Without ``--bandwidth`` through the mel vocoder, with it through EnCodec at that bandwidth.
 * ``codes``: (K, T) integer EnCodec codes, K = 2/4/8/16 (the bandwidth follows from K unless given).
 * ``mel``: (100, T) log-mel features.
+* Connection: ``--api-key-file PATH`` (or ``$VOCOS_API_KEY``) for a server that requires an API key,
+  ``--ssl`` [``--root-certificates CA.pem``] for TLS.
 * ``OUT`` is a ``.wav`` file for one input, otherwise a directory (created) that gets ``<input stem>.wav``.
   Output is 24 kHz mono; ``--subtype FLOAT`` (default: 32-bit float, the exact model output) or
   ``PCM_16``/``PCM_24`` (clipped to [-1, 1]).
@@ -37,7 +39,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from vocos_triton.contract import Access
+
 from ._client import VocosClient
+from ._common import read_api_key
 from ._errors import InvalidInputError, ServerUnavailableError, VocosError
 from ._inputs import SAMPLE_RATE
 
@@ -71,8 +76,13 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="Triton's gRPC endpoint (default localhost:8001)")
     parser.add_argument("--timeout", metavar="S", type=float, default=default(60.0),
                         help="seconds per input, retries included (default 60)")
-    parser.add_argument("--retries", metavar="N", type=int, default=default(3),
-                        help="retries while the server is unavailable (default 3)")
+    parser.add_argument("--retries", metavar="N", type=int, default=default(None),
+                        help="retries while the server is unavailable or busy (default: as many as --timeout allows)")
+    parser.add_argument("--api-key-file", metavar="PATH", type=Path, default=default(None),
+                        help=f"file holding the server's API key (default: ${Access.API_KEY_ENV}, else none)")
+    parser.add_argument("--ssl", action="store_true", default=default(False), help="connect with TLS")
+    parser.add_argument("--root-certificates", metavar="PEM", default=default(None),
+                        help="CA certificate to verify the server with (--ssl; default: the system's roots)")
     parser.add_argument("--concurrency", metavar="N", type=int, default=default(8),
                         help="requests in flight (default 8)")
     parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
@@ -238,7 +248,12 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "chunk_frames", None) is not None and not args.stream:
         raise CliError("--chunk-frames applies only with --stream", EXIT_INVALID)
     try:
-        client = VocosClient(args.url, timeout=args.timeout, retries=args.retries)
+        client = VocosClient(args.url, timeout=args.timeout, retries=args.retries,
+                             api_key=read_api_key(args.api_key_file),
+                             ssl=args.ssl or args.root_certificates is not None,
+                             root_certificates=args.root_certificates)
+    except OSError as exc:  # a key or certificate file that cannot be read
+        raise CliError(f"{exc.filename or ''}: {exc.strerror or exc}", EXIT_INVALID) from None
     except ValueError as exc:
         raise CliError(str(exc), EXIT_INVALID) from None
     with client:

@@ -53,6 +53,30 @@ class Tensor:
     WAVEFORM = "waveform"
 
 
+class Access:
+    """Who may do what (see docs/exposure.md): the keys tritonserver checks and the headers that carry them.
+
+    The launcher restricts the protocol groups below with tritonserver's ``--grpc-restricted-protocol``
+    and ``--http-restricted-api``; a gRPC client then sends ``triton-grpc-protocol-<key>: <value>``, an
+    HTTP client ``<key>: <value>``. Everything not listed (health, metadata, model config, statistics)
+    stays open.
+    """
+
+    ADMIN_KEY = "vocos-admin-key"
+    API_KEY = "vocos-api-key"
+    #: what changes the server: the repository API (load runs uploaded code), shared memory, trace, log
+    ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+    #: what the optional API key guards
+    API_PROTOCOLS = ("inference",)
+    GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+    #: the client CLI's environment variable holding the API key
+    API_KEY_ENV = "VOCOS_API_KEY"
+
+    @classmethod
+    def grpc_header(cls, key: str) -> str:
+        return cls.GRPC_HEADER_PREFIX + key
+
+
 #: The entry points a client calls, by input kind (``audio_mel``: audio without a bandwidth).
 ENTRY_MODELS = {
     "mel": Model.VOCOS_MEL,

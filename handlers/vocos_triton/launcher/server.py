@@ -11,9 +11,12 @@ Command line (``make serve``)::
     vocos-serve [--model-repository DIR] [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000]
                 [--metrics-port 8002] [--profile cpu|gpu] [--runtime-python PATH]
                 [--tritonserver DIR] [--metrics-config KEY=VALUE ...]
+                [--admin-key-file PATH | --no-admin-key] [--api-key-file PATH]
+                [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]
 
 ``--tritonserver DIR`` (or ``$VOCOS_TRITONSERVER``) serves with an installed tritonserver instead of the
-wheel's, e.g. ``/opt/tritonserver`` in NVIDIA's container image (see ``deploy/Dockerfile``).
+wheel's, e.g. ``/opt/tritonserver`` in NVIDIA's container image (see ``deploy/Dockerfile``). Who may do
+what (admin key, API key, TLS) is explained in docs/exposure.md.
 """
 from __future__ import annotations
 
@@ -33,7 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Dict, List, Optional, Sequence
 
+from ..contract import Access
 from ..paths import DEFAULT_BUILD_DIR, DEFAULT_REPOSITORY
+from .access import (
+    AccessError,
+    Tls,
+    exposure_warnings,
+    grpc_headers,
+    read_key,
+    read_or_create_key,
+    redact,
+    restriction_args,
+)
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
 from .watchdog import StubWatchdog
 
@@ -187,6 +201,18 @@ class ServerOptions:
     tritonserver: Optional[Path] = field(default_factory=default_tritonserver)
     metrics_config: Sequence[str] = DEFAULT_METRICS_CONFIG
     extra_args: List[str] = field(default_factory=list)
+    # The repository API (load runs uploaded code), shared memory, trace and log settings need this
+    # key; the file is created (mode 0600) when absent. None: <build_dir>/admin.key.
+    admin_key_file: Optional[Path] = None
+    admin_key: bool = True  # False: nothing restricted (loopback experiments only; warned about elsewhere)
+    api_key_file: Optional[Path] = None  # when set, inference needs the key it holds
+    tls: Optional[Tls] = None  # gRPC over TLS (mutual when tls.ca is set)
+
+    @property
+    def admin_key_path(self) -> Optional[Path]:
+        if not self.admin_key:
+            return None
+        return self.admin_key_file if self.admin_key_file is not None else self.build_dir / "admin.key"
 
     def distribution(self, python_version: Optional[str] = None) -> TritonDistribution:
         """The tritonserver to run: the installation in ``tritonserver``, else the wheel's."""
@@ -205,6 +231,8 @@ class TritonServer:
         self.watchdog: Optional[StubWatchdog] = None
         self.runtime: Optional[Runtime] = None
         self._log_handle: Optional[IO[bytes]] = None
+        self._admin_key: Optional[str] = None
+        self._api_key: Optional[str] = None
 
     @property
     def grpc_url(self) -> str:
@@ -217,6 +245,27 @@ class TritonServer:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    def admin_headers(self) -> Dict[str, str]:
+        """gRPC metadata that carries the admin key (e.g. ``client.load_model(m, headers=...)``)."""
+        return grpc_headers(Access.ADMIN_KEY, self._admin_key)
+
+    def api_headers(self) -> Dict[str, str]:
+        """gRPC metadata that carries the API key (empty when inference is open)."""
+        return grpc_headers(Access.API_KEY, self._api_key)
+
+    def read_keys(self) -> None:
+        """Read (or create) the key files; called by :meth:`start`."""
+        o = self.options
+        try:
+            if o.admin_key_path is not None:
+                o.admin_key_path.parent.mkdir(parents=True, exist_ok=True)
+                self._admin_key = read_or_create_key(o.admin_key_path)
+            self._api_key = read_key(o.api_key_file) if o.api_key_file is not None else None
+            if o.tls is not None:
+                o.tls.check()
+        except AccessError as exc:
+            raise LaunchError(str(exc)) from exc
 
     def command(self, distribution: TritonDistribution, backend_dir: Path) -> List[str]:
         o = self.options
@@ -236,6 +285,9 @@ class TritonServer:
         config_name = PROFILES[o.profile]
         if config_name:
             args.append(f"--model-config-name={config_name}")
+        args += restriction_args(self._admin_key, self._api_key)
+        if o.tls is not None:
+            args += o.tls.args()
         return args + list(o.extra_args)
 
     def environment(self, distribution: TritonDistribution, runtime: Runtime) -> dict:
@@ -255,6 +307,7 @@ class TritonServer:
             raise LaunchError(f"{o.model_repository}: no model.pt artifacts; build them first (make repository)")
         for what, port in (("gRPC", o.grpc_port), ("HTTP", o.http_port), ("Metrics", o.metrics_port)):
             ensure_port_free(o.host, port, what)
+        self.read_keys()
         self.runtime = runtime = self.check_runtime()
         distribution = o.distribution(runtime.python_version)
         backend_dir = distribution.assemble_backends(o.build_dir)
@@ -263,13 +316,14 @@ class TritonServer:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "ab")
             output = self._log_handle
-        log.info("starting %s", " ".join(self.command(distribution, backend_dir)))
+        log.info("starting %s", redact(self.command(distribution, backend_dir), [self._admin_key, self._api_key]))
         self.process = subprocess.Popen(
             self.command(distribution, backend_dir), env=self.environment(distribution, runtime),
             stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True)
         self.wait_ready(ready_timeout_s)
         if o.watchdog:
-            self.watchdog = StubWatchdog(self.process.pid, self.http_url)
+            http_headers = {Access.ADMIN_KEY: self._admin_key} if self._admin_key else {}
+            self.watchdog = StubWatchdog(self.process.pid, self.http_url, headers=http_headers)
             self.watchdog.start()
         return self
 
@@ -340,6 +394,10 @@ def _banner(server: TritonServer) -> str:
         f"  HTTP     {server.http_url}",
         f"  metrics  {server.metrics_url}",
         f"  runtime  {server.runtime.describe() if server.runtime else '?'}",
+        # the paths, never the keys
+        f"  admin key  {o.admin_key_path if o.admin_key_path else 'NONE: anyone may load/unload models'}",
+        f"  API key    {o.api_key_file if o.api_key_file else 'none: inference is open'}",
+        f"  TLS        {_tls_line(o.tls)}",
         "Ctrl-C stops the server.",
     ]
     random_models = random_weight_models(o.model_repository)
@@ -348,6 +406,12 @@ def _banner(server: TritonServer) -> str:
         lines = [stars, f"!! DEMO MODE: RANDOM WEIGHTS in {', '.join(random_models)}: the audio is noise, not speech.",
                  stars, *lines]
     return "\n".join(lines)
+
+
+def _tls_line(tls: Optional[Tls]) -> str:
+    if tls is None:
+        return "off (gRPC is plaintext)"
+    return f"gRPC, certificate {tls.cert}" + (f", mutual (clients signed by {tls.ca})" if tls.ca else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,18 +436,35 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="KEY=VALUE",
                         help="tritonserver --metrics-config setting, repeatable (default: "
                              f"{' '.join(DEFAULT_METRICS_CONFIG)}; giving any replaces the default)")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--admin-key-file", type=Path,
+                      help="file holding the admin key (created, mode 0600, when absent; default "
+                           "<build-dir>/admin.key)")
+    keys.add_argument("--no-admin-key", action="store_true",
+                      help="restrict nothing: any client may load and unload models (never on a shared network)")
+    parser.add_argument("--api-key-file", type=Path, help="file holding the key inference requires (default: open)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate of the gRPC endpoint (turns TLS on)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA certificate for mutual TLS: clients must present a "
+                                                    "certificate it signed")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_ca and not args.tls_cert):
+        parser.error("TLS needs both --tls-cert and --tls-key (and --tls-ca only with them)")
+    tls = Tls(args.tls_cert.resolve(), args.tls_key.resolve(), args.tls_ca.resolve() if args.tls_ca else None) \
+        if args.tls_cert else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = TritonServer(ServerOptions(
         model_repository=args.model_repository.resolve(), host=args.host, grpc_port=args.grpc_port,
         http_port=args.http_port, metrics_port=args.metrics_port, profile=args.profile,
         build_dir=args.build_dir, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
         runtime_python=args.runtime_python, tritonserver=args.tritonserver,
-        metrics_config=tuple(args.metrics_config or DEFAULT_METRICS_CONFIG)))
+        metrics_config=tuple(args.metrics_config or DEFAULT_METRICS_CONFIG), admin_key_file=args.admin_key_file,
+        admin_key=not args.no_admin_key, api_key_file=args.api_key_file, tls=tls))
 
     stopping = []
 
@@ -399,6 +480,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(_banner(server) + f"\n(started in {time.monotonic() - started:.1f} s)", flush=True)
+    # after the banner, so that they are the last thing on the screen
+    for warning in exposure_warnings(args.host, tls is not None, not args.no_admin_key, args.api_key_file is not None):
+        print(("!" * 100 + "\n!! " if warning.startswith("WARNING") else "") + warning, file=sys.stderr, flush=True)
     while not stopping and server.process is not None and server.process.poll() is None:
         time.sleep(0.5)
     if stopping:

@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .memory import process_tree, stub_model
 
@@ -43,10 +43,12 @@ class StubWatchdog(threading.Thread):
     client SDK retries.
     """
 
-    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.5) -> None:
+    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.5,
+                 headers: Optional[Dict[str, str]] = None) -> None:
         super().__init__(name="stub-watchdog", daemon=True)
         self.server_pid = server_pid
         self.http_url = http_url
+        self.headers = dict(headers or {})  # the admin key: the repository API is restricted
         self.interval_s = interval_s
         self.restarts: List[Tuple[str, float]] = []  # (model, seconds from noticing to loaded)
         self._stop_event = threading.Event()
@@ -56,11 +58,23 @@ class StubWatchdog(threading.Thread):
 
     def _repository_call(self, model: str, action: str) -> None:
         request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
-                                         method="POST", headers={"Content-Type": "application/json"})
+                                         method="POST", headers={"Content-Type": "application/json", **self.headers})
         with urllib.request.urlopen(request, timeout=300) as response:
             response.read()
 
+    def model_ready(self, model: str) -> bool:
+        """What tritonserver says: READY for a model whose stub died (2.51 does not notice), not ready
+        for one an operator unloaded (its stub exits too, and must stay gone)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/ready", timeout=10) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
     def restore(self, model: str) -> None:
+        if not self.model_ready(model):
+            log.info("stub of model %r exited while the model is not ready (unloaded); leaving it", model)
+            return
         started = time.monotonic()
         log.warning("stub of model %r died; reloading it", model)
         try:

@@ -141,7 +141,7 @@ class RaggedBatchModel(TritonModel):
     def execute(self, requests: List[Any]) -> List[Any]:
         responses: List[Optional[Any]] = [None] * len(requests)
         items, rows_per_request = self.collect(requests, responses)
-        results = self.run_planned(items, responses)
+        results = self.run_planned(items, responses, requests)
         self.memory_releaser.after()
         self.respond(rows_per_request, results, responses)
         return responses
@@ -153,9 +153,7 @@ class RaggedBatchModel(TritonModel):
         items: List[Item] = []
         for r, request in enumerate(requests):
             # a request whose client gave up while it queued must not spend the cores
-            if self.skip_cancelled and request.is_cancelled():
-                responses[r] = self.error_response(f"{self.name}: request cancelled", self.pb.TritonError.CANCELLED)
-                log.warning("%s: skipped a request cancelled by its client", self.name)
+            if self.drop_if_cancelled(request, r, responses):
                 continue
             try:
                 arrays = self.read_inputs(request)
@@ -173,11 +171,19 @@ class RaggedBatchModel(TritonModel):
             items.extend(Item(r, i, cost, data) for i, (cost, data) in enumerate(rows))
         return items, rows_per_request
 
-    def run_planned(self, items: List[Item], responses: List[Optional[Any]]) -> Dict[int, Dict[int, Outputs]]:
+    def run_planned(self, items: List[Item], responses: List[Optional[Any]],
+                    requests: Optional[Sequence[Any]] = None) -> Dict[int, Dict[int, Outputs]]:
         """Run the items in planned padded batches; returns outputs by request and row. A failed
-        forward fails the requests of its batch (``INTERNAL``) and no others."""
+        forward fails the requests of its batch (``INTERNAL``) and no others.
+
+        Before each forward, the requests in it are asked again whether their client has gone: one
+        execution may hold eight 60 s items (seconds of work each), and a client whose deadline passed
+        meanwhile must not keep the cores from the requests queued behind it."""
         results: Dict[int, Dict[int, Outputs]] = {}
         for batch in plan_batches(items, self.max_padded_frames, self.batch_overhead_frames):
+            if requests is not None:
+                for r in sorted({it.request for it in batch}):
+                    self.drop_if_cancelled(requests[r], r, responses)
             live = [it for it in batch if responses[it.request] is None]
             if not live:
                 continue
@@ -217,6 +223,17 @@ class RaggedBatchModel(TritonModel):
         if len(sizes) != 1:
             raise InvalidInput(next(iter(arrays)), f"inputs disagree on the batch size: {sorted(sizes)}")
         return sizes.pop()
+
+    def drop_if_cancelled(self, request: Any, r: int, responses: List[Optional[Any]]) -> bool:
+        """True when request ``r`` already has a response, or is given a ``CANCELLED`` one now because
+        its client cancelled it (a gRPC deadline that passed cancels the request, also inside ensembles)."""
+        if responses[r] is not None:
+            return True
+        if self.skip_cancelled and request.is_cancelled():
+            responses[r] = self.error_response(f"{self.name}: request cancelled", self.pb.TritonError.CANCELLED)
+            log.warning("%s: skipped a request cancelled by its client", self.name)
+            return True
+        return False
 
     def run_batch(self, items: List[Any]) -> List[Outputs]:
         """Run :meth:`infer` on one padded batch (a subclass may wrap it, e.g. in inference mode)."""
