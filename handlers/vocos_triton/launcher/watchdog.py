@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from .memory import process_tree, stub_model
 
@@ -62,19 +62,25 @@ class StubWatchdog(threading.Thread):
         with urllib.request.urlopen(request, timeout=300) as response:
             response.read()
 
-    def model_ready(self, model: str) -> bool:
-        """What tritonserver says: READY for a model whose stub died (2.51 does not notice), not ready
-        for one an operator unloaded (its stub exits too, and must stay gone)."""
+    def unloaded_on_purpose(self, model: str) -> bool:
+        """Whether tritonserver says ``model`` is not ready: an operator unloaded it (its stub exits too,
+        and must stay gone). A model whose stub died is still READY (2.51 does not notice). Only the
+        server's own answer counts: a timeout or a refused connection under load is no answer, and the
+        stub is then taken as dead, so a transient error never leaves a model broken."""
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/ready", timeout=10) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
+            with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/ready", timeout=10):
+                return False
+        except urllib.error.HTTPError:  # answered, and not 200: not ready
+            return True
+        except (urllib.error.URLError, OSError) as exc:
+            log.warning("could not ask whether %r is ready (%s); taking its stub as dead", model, exc)
             return False
 
-    def restore(self, model: str) -> None:
-        if not self.model_ready(model):
-            log.info("stub of model %r exited while the model is not ready (unloaded); leaving it", model)
-            return
+    def restore(self, model: str) -> bool:
+        """Reload ``model``; False when it could not be reloaded now (the watchdog tries again)."""
+        if self.unloaded_on_purpose(model):
+            log.info("stub of model %r exited because the model was unloaded; leaving it", model)
+            return True
         started = time.monotonic()
         log.warning("stub of model %r died; reloading it", model)
         try:
@@ -82,17 +88,18 @@ class StubWatchdog(threading.Thread):
             self._repository_call(model, "load")
         except (urllib.error.URLError, OSError) as exc:
             log.error("could not reload model %r: %s", model, exc)
-            return
+            return False
         elapsed = time.monotonic() - started
         self.restarts.append((model, elapsed))
         log.warning("model %r reloaded in %.1f s", model, elapsed)
+        return True
 
     def run(self) -> None:
         known = python_stubs(self.server_pid)
+        retry: Set[str] = set()  # models whose reload failed: tried again on the next round
         while not self._stop_event.wait(self.interval_s):
             if not _is_running(self.server_pid):
                 return
-            dead_models = sorted({model for pid, model in known.items() if not _is_running(pid)})
-            for model in dead_models:
-                self.restore(model)
+            dead_models = sorted(retry | {model for pid, model in known.items() if not _is_running(pid)})
+            retry = {model for model in dead_models if not self.restore(model)}
             known = python_stubs(self.server_pid)
