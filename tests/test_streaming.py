@@ -400,10 +400,10 @@ def test_a_too_short_sequence_is_refused_at_its_end(stream, speech_mel):
 
 
 def test_first_audio_of_a_long_chunk_leaves_before_the_chunk_is_done(stream, speech_mel):
-    """A 2.5 s chunk is answered in pieces of max_piece_frames: several responses, the first one early."""
+    """A 2.5 s chunk is answered in pieces (first_piece_frames, then max_piece_frames): several responses."""
     stream.send(Model.VOCOS_MEL_STREAM, 63, True, True, **{Tensor.MEL: speech_mel})
     pieces, errors = _error_of(stream)
-    assert not errors and len(pieces[63]) > 3
+    assert not errors and len(pieces[63]) >= 3
     assert sum(p.shape[0] for p in pieces[63]) == mel_waveform_samples(speech_mel.shape[1])
 
 

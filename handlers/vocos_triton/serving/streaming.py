@@ -77,6 +77,8 @@ class StreamingModel(TritonModel):
         batching = self.model_config.get("sequence_batching", {})
         self.idle_timeout_s = int(batching.get("max_sequence_idle_microseconds", 0) or 1_000_000_000) / 1e6
         self.max_piece_frames = int(self.float_parameter("max_piece_frames", 64))
+        # a sequence's first piece is smaller: its first audio leaves sooner, later pieces batch better
+        self.first_piece_frames = int(self.float_parameter("first_piece_frames", self.max_piece_frames))
         self.max_step_sequences = int(self.float_parameter("max_step_sequences", 16))
         self.max_open_sequences = int(self.float_parameter("max_open_sequences", 32))
         self.module, self.device, loaded = load_torchscript(args, self.version_dir,
@@ -251,7 +253,7 @@ class StreamingModel(TritonModel):
             if chunk.sender.is_cancelled():
                 self.drop(sequence, "cancelled by its client")
                 continue
-            count = min(chunk.remaining, self.max_piece_frames)
+            count = min(chunk.remaining, self.first_piece_frames if sequence.fed == 0 else self.max_piece_frames)
             step.append((sequence, chunk, count, chunk.end and count == chunk.remaining))
         return step
 
