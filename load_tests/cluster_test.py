@@ -127,15 +127,26 @@ def shared_memory_regions(pid: int) -> List[Path]:
     return regions
 
 
-def start_replica(name: str, repository: Path, work: Path) -> Replica:
+def start_replica(name: str, repository: Path, work: Path, attempts: int = 3) -> Replica:
+    """One replica on free ports. Three start at once, and a port that was free when picked can be taken
+    by another replica before its server binds it: a failed start is retried on new ports."""
     build = work / name
     build.mkdir(parents=True, exist_ok=True)
-    options = ServerOptions(model_repository=repository, grpc_port=free_port(), http_port=free_port(),
-                            metrics_port=free_port(), build_dir=build, exit_timeout_s=5, watchdog=False)
-    server = TritonServer(options, log_file=build / "tritonserver.log")
-    server.start(ready_timeout_s=240)
-    log.info("replica %s ready: gRPC %s, metrics %s", name, server.grpc_url, server.metrics_url)
-    return Replica(name, server)
+    for attempt in range(1, attempts + 1):
+        options = ServerOptions(model_repository=repository, grpc_port=free_port(), http_port=free_port(),
+                                metrics_port=free_port(), build_dir=build, exit_timeout_s=5, watchdog=False)
+        server = TritonServer(options, log_file=build / "tritonserver.log")
+        try:
+            server.start(ready_timeout_s=240)
+        except LaunchError as exc:
+            server.stop()
+            if attempt == attempts:
+                raise
+            log.warning("replica %s did not start (%s); trying again on other ports", name, exc)
+            continue
+        log.info("replica %s ready: gRPC %s, metrics %s", name, server.grpc_url, server.metrics_url)
+        return Replica(name, server)
+    raise AssertionError("unreachable")
 
 
 class CountSampler(threading.Thread):
