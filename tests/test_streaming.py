@@ -25,7 +25,7 @@ from vocos_triton.modules.vocoder import BatchedVocos
 from vocos_triton.speech import speech_clip
 
 import reference_outputs as ref
-from triton_helpers import bandwidth_tensor, infer
+from triton_helpers import bandwidth_tensor, infer, make_inputs
 
 LOOKAHEAD = 29
 REQUEST_ID = re.compile(r"\[request id: (\d+)\]")
@@ -226,13 +226,7 @@ class Stream:
         self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
 
     def send(self, model: str, sequence_id: int, start: bool, end: bool, **inputs: np.ndarray) -> None:
-        tensors = []
-        for name, value in inputs.items():
-            value = np.ascontiguousarray(value[None])
-            tensor = grpcclient.InferInput(name, list(value.shape), grpcclient.np_to_triton_dtype(value.dtype))
-            tensor.set_data_from_numpy(value)
-            tensors.append(tensor)
-        self.client.async_stream_infer(model, tensors, request_id=f"{sequence_id}", sequence_id=sequence_id,
+        self.client.async_stream_infer(model, make_inputs(inputs), request_id=f"{sequence_id}", sequence_id=sequence_id,
                                        sequence_start=start, sequence_end=end, enable_empty_final_response=True)
 
     def collect(self, finals: int) -> Tuple[Dict[int, List[np.ndarray]], Dict[int, List[str]]]:

@@ -66,7 +66,6 @@ class Sequence:
     last_active: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
     heard: bool = False  # its first audio has been sent
-    ending: bool = False  # its END chunk was accepted: no more requests may join it
 
 
 class StreamingModel(TritonModel):
@@ -187,7 +186,6 @@ class StreamingModel(TritonModel):
                 sequence = Sequence(corrid, condition, self.module.initial_state(1), bandwidth)
                 self.sequences[corrid] = sequence
             sequence.accepted = accepted
-            sequence.ending = bool(end)
             if end:
                 self.sequences.pop(corrid, None)
                 self.closing.append(sequence)
