@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import psutil
 import tritonclient.grpc as grpcclient
 
 from vocos_client._common import balancing_channel_args, grpc_target
 from vocos_triton.contract import Model, Tensor
 from vocos_triton.launcher import metrics
+from vocos_triton.launcher.memory import process_tree, stub_regions
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -107,24 +107,13 @@ class Replica:
         process = self.server.process
         self.alive = False
         if process is not None and process.poll() is None:
-            regions = shared_memory_regions(process.pid)
+            regions = stub_regions(process_tree(process.pid))
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             for region in regions:  # a SIGKILLed stub leaves its /dev/shm region behind (a pod's goes with it)
                 region.unlink(missing_ok=True)
         self.server.process = None
         self.server.stop()  # closes the log file; nothing is left to signal
-
-
-def shared_memory_regions(pid: int) -> List[Path]:
-    """The /dev/shm regions of a tritonserver's stubs (named on their command lines)."""
-    regions = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            regions += [Path("/dev/shm") / a for a in child.cmdline() if a.startswith("triton_python_backend_shm")]
-        except psutil.Error:
-            continue
-    return regions
 
 
 def start_replica(name: str, repository: Path, work: Path, attempts: int = 3) -> Replica:
@@ -134,7 +123,8 @@ def start_replica(name: str, repository: Path, work: Path, attempts: int = 3) ->
     build.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, attempts + 1):
         options = ServerOptions(model_repository=repository, grpc_port=free_port(), http_port=free_port(),
-                                metrics_port=free_port(), build_dir=build, exit_timeout_s=5, watchdog=False)
+                                metrics_port=free_port(), build_dir=build, exit_timeout_s=5, watchdog=False,
+                                restart_on_crash=False)  # a killed replica stays dead, as a pod would
         server = TritonServer(options, log_file=build / "tritonserver.log")
         try:
             server.start(ready_timeout_s=240)

@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from vocos_client import VocosClient
+from vocos_triton.launcher.memory import stub_regions
 from vocos_triton.launcher.watchdog import python_stubs
 
 import reference_outputs as ref
@@ -45,6 +46,7 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
                     sdk_results.append(exc)
 
     (stub_pid,) = [pid for pid, model in python_stubs(triton.process.pid).items() if model == "vocos_mel"]
+    (region,) = stub_regions([stub_pid])
     # under load: several callers at once; default settings retry within the call's deadline (60 s),
     # not a count, so none of them loses a request while the model reloads
     workers = [threading.Thread(target=sdk_load) for _ in range(3)]
@@ -71,6 +73,7 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
     assert restored_after is not None and restored_after <= RESTORE_WITHIN_S, (restored_after, raw_statuses)
     assert [m for m in python_stubs(triton.process.pid).values()].count("vocos_mel") == 1
     assert triton.watchdog is not None and [m for m, _ in triton.watchdog.restarts] == ["vocos_mel"]
+    assert not region.exists()  # the killed stub's shared memory is removed, not leaked
     errors = [r for r in sdk_results if isinstance(r, Exception)]
     assert not errors, f"{len(errors)} of {len(sdk_results)} calls failed: {errors[:3]}"
     assert len(sdk_results) >= 6
@@ -83,10 +86,20 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
     raw.close()
 
 
+def _recovery_report(triton, restored) -> str:
+    """What a failed restore leaves to read: the watchdog's and supervisor's state, the server log's end."""
+    watchdog, supervisor = triton.watchdog, triton.supervisor
+    log_tail = triton.log_file.read_text(errors="replace").splitlines()[-40:] if triton.log_file else []
+    return "\n".join([f"restored after {restored}; watchdog alive: {watchdog is not None and watchdog.is_alive()}, "
+                      f"model reloads: {watchdog.restarts if watchdog else None}, server restarts: "
+                      f"{supervisor.restarts if supervisor else None}", *log_tail])
+
+
 def test_killed_streaming_stub_ends_open_streams_and_is_restored(triton, reference_mel, monkeypatch):
     """tritonserver 2.51 never answers the open requests of a stub that died: the SDK's stream gives up
     after its stall timeout with ServerUnavailableError (never a hang); the watchdog restores the model
-    and a new stream is exact again."""
+    and a new stream is exact again. (Killed while sending a piece, the stub can take tritonserver down
+    with it, a lock_exception abort; the supervisor then restarts the server: the same outcome, later.)"""
     from vocos_client import ServerUnavailableError, _stream
     from vocos_triton.contract import Model
     from vocos_triton.speech import speech_clip
@@ -113,5 +126,26 @@ def test_killed_streaming_stub_ends_open_streams_and_is_restored(triton, referen
             except ServerUnavailableError:
                 time.sleep(0.25)
     assert ended_after <= 5.0 + RESTORE_WITHIN_S, ended_after
-    assert restored is not None and restored <= 3 * RESTORE_WITHIN_S, restored
+    assert restored is not None and restored <= 3 * RESTORE_WITHIN_S, _recovery_report(triton, restored)
     assert ref.max_error(audio, offline) <= 1e-4
+
+
+def test_crashed_tritonserver_is_restarted_on_the_same_ports(triton, reference_mel, speech_1s):
+    """Last: tritonserver itself dies (as 2.51 does when a decoupled stub dies holding a queue lock): the
+    supervisor removes what its stubs left in /dev/shm, starts it again on the same ports with a new
+    watchdog, and a client's retries carry its call across the restart."""
+    from vocos_triton.launcher.memory import group_members, stub_regions
+
+    mel = ref.mel_features(reference_mel, speech_1s)
+    old_pid = triton.process.pid
+    regions = stub_regions(group_members(old_pid))
+    assert regions and all(r.exists() for r in regions)
+    restarts_before = len(triton.supervisor.restarts)
+    os.kill(old_pid, signal.SIGKILL)  # the server only: its stubs are orphaned, as after an abort
+    with VocosClient(triton.grpc_url, timeout=120) as client:
+        waveform = client.synthesize(mel=mel)  # retried until the restarted server answers
+    assert ref.max_error(waveform, ref.mel_decode(reference_mel, mel)) <= 1e-4, _recovery_report(triton, None)
+    assert len(triton.supervisor.restarts) == restarts_before + 1 and triton.process.pid != old_pid
+    assert not group_members(old_pid) and not any(r.exists() for r in regions)
+    watchdog = triton.watchdog
+    assert watchdog is not None and watchdog.is_alive() and watchdog.server_pid == triton.process.pid

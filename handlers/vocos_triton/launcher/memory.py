@@ -9,10 +9,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region"
+
+
+def group_members(pgid: int) -> List[int]:
+    """Live processes of process group ``pgid`` (the server runs in its own session, its stubs with it)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def stub_regions(pids: List[int]) -> List[Path]:
+    """The /dev/shm regions named on the command lines of the stubs among ``pids``."""
+    regions = []
+    for pid in pids:
+        if stub_model(pid) is None:
+            continue
+        regions += [SHM_DIR / a for a in _argv(pid) if a.startswith(SHM_PREFIX)]
+    return regions
+
 
 def _children(pid: int) -> List[int]:
     children: List[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process exited meanwhile
+        return children
+    for task in tasks:
         try:
             children += [int(c) for c in (task / "children").read_text().split()]
         except OSError:

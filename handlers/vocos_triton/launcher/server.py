@@ -49,6 +49,7 @@ from .access import (
     restriction_args,
 )
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
+from .supervisor import ServerSupervisor
 from .watchdog import StubWatchdog
 
 log = logging.getLogger("vocos_triton.launcher.server")
@@ -195,6 +196,7 @@ class ServerOptions:
     exit_timeout_s: int = 30
     log_verbose: int = 0
     watchdog: bool = True  # reload models whose stub process died
+    restart_on_crash: bool = True  # start tritonserver again when it dies on its own (see supervisor.py)
     # the environment the stubs embed: $VOCOS_RUNTIME_PYTHON (the Makefile's lean runtime) or this one
     runtime_python: Path = field(default_factory=default_runtime_python)
     # an installed tritonserver (root folder) instead of the wheel's: $VOCOS_TRITONSERVER or None
@@ -229,6 +231,10 @@ class TritonServer:
         self.log_file = log_file
         self.process: Optional[subprocess.Popen] = None
         self.watchdog: Optional[StubWatchdog] = None
+        self.supervisor: Optional[ServerSupervisor] = None
+        self._stopped = False  # set by stop(): a restart in progress must not outlive it
+        self._command: List[str] = []
+        self._environment: Dict[str, str] = {}
         self.runtime: Optional[Runtime] = None
         self._log_handle: Optional[IO[bytes]] = None
         self._admin_key: Optional[str] = None
@@ -307,25 +313,53 @@ class TritonServer:
             raise LaunchError(f"{o.model_repository}: no model.pt artifacts; build them first (make repository)")
         for what, port in (("gRPC", o.grpc_port), ("HTTP", o.http_port), ("Metrics", o.metrics_port)):
             ensure_port_free(o.host, port, what)
+        self._stopped = False
         self.read_keys()
         self.runtime = runtime = self.check_runtime()
         distribution = o.distribution(runtime.python_version)
         backend_dir = distribution.assemble_backends(o.build_dir)
-        output = None
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "ab")
-            output = self._log_handle
-        log.info("starting %s", redact(self.command(distribution, backend_dir), [self._admin_key, self._api_key]))
-        self.process = subprocess.Popen(
-            self.command(distribution, backend_dir), env=self.environment(distribution, runtime),
-            stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True)
-        self.wait_ready(ready_timeout_s)
-        if o.watchdog:
+        self._command = self.command(distribution, backend_dir)
+        self._environment = self.environment(distribution, runtime)
+        log.info("starting %s", redact(self._command, [self._admin_key, self._api_key]))
+        try:
+            self.relaunch(ready_timeout_s)
+        except LaunchError:
+            self.stop()
+            raise
+        if o.restart_on_crash:
+            self.supervisor = ServerSupervisor(self)
+            self.supervisor.start()
+        return self
+
+    def relaunch(self, ready_timeout_s: float = 180.0) -> None:
+        """Start the tritonserver process (again) and its watchdog, and wait until it is ready."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        output = self._log_handle
+        self.process = process = subprocess.Popen(self._command, env=self._environment, stdout=output,
+                                                  stderr=subprocess.STDOUT if output else None,
+                                                  start_new_session=True)
+        try:
+            self.wait_ready(ready_timeout_s)
+        except LaunchError:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            raise
+        if self.options.watchdog:
             http_headers = {Access.ADMIN_KEY: self._admin_key} if self._admin_key else {}
             self.watchdog = StubWatchdog(self.process.pid, self.http_url, headers=http_headers)
             self.watchdog.start()
-        return self
+
+    def running(self) -> bool:
+        """Whether the server is up, or down and being restarted by its supervisor."""
+        if self.process is not None and self.process.poll() is None:
+            return True
+        return self.supervisor is not None and self.supervisor.is_alive()
 
     def check_runtime(self) -> Runtime:
         try:
@@ -349,17 +383,22 @@ class TritonServer:
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self._stopped:
+                raise LaunchError("the server was stopped while starting")
             if self.process is not None and self.process.poll() is not None:
                 hint = f"; see {self.log_file}" if self.log_file else ""
                 raise LaunchError(f"tritonserver exited with code {self.process.returncode} during start-up{hint}")
             if self.is_ready():
                 return
             time.sleep(0.25)
-        self.stop()
         raise LaunchError(f"tritonserver was not ready after {timeout_s:.0f} s")
 
     def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
         """SIGTERM, then wait (a dead stub makes Triton wait its exit timeout), then SIGKILL."""
+        self._stopped = True
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
@@ -442,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "<build-dir>/admin.key)")
     keys.add_argument("--no-admin-key", action="store_true",
                       help="restrict nothing: any client may load and unload models (never on a shared network)")
+    parser.add_argument("--no-restart", action="store_true",
+                        help="exit when tritonserver dies instead of starting it again (let an orchestrator do it)")
     parser.add_argument("--api-key-file", type=Path, help="file holding the key inference requires (default: open)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate of the gRPC endpoint (turns TLS on)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -464,7 +505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         build_dir=args.build_dir, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
         runtime_python=args.runtime_python, tritonserver=args.tritonserver,
         metrics_config=tuple(args.metrics_config or DEFAULT_METRICS_CONFIG), admin_key_file=args.admin_key_file,
-        admin_key=not args.no_admin_key, api_key_file=args.api_key_file, tls=tls))
+        admin_key=not args.no_admin_key, api_key_file=args.api_key_file, tls=tls,
+        restart_on_crash=not args.no_restart))
 
     stopping = []
 
@@ -483,14 +525,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # after the banner, so that they are the last thing on the screen
     for warning in exposure_warnings(args.host, tls is not None, not args.no_admin_key, args.api_key_file is not None):
         print(("!" * 100 + "\n!! " if warning.startswith("WARNING") else "") + warning, file=sys.stderr, flush=True)
-    while not stopping and server.process is not None and server.process.poll() is None:
+    while not stopping and server.running():  # a crashed tritonserver is restarted meanwhile
         time.sleep(0.5)
     if stopping:
         print("stopping tritonserver ...", flush=True)
         server.stop()
         return 0
     code = server.process.returncode if server.process else 1
-    print(f"error: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
+    print(f"error: tritonserver exited with code {code} and was not restarted (see the log above)", file=sys.stderr)
     return 1
 
 

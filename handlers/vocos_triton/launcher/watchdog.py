@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
-from .memory import process_tree, stub_model
+from .memory import process_tree, stub_model, stub_regions
 
 log = logging.getLogger("vocos_triton.watchdog")
 
@@ -79,7 +79,7 @@ class StubWatchdog(threading.Thread):
     def restore(self, model: str) -> bool:
         """Reload ``model``; False when it could not be reloaded now (the watchdog tries again)."""
         if self.unloaded_on_purpose(model):
-            log.info("stub of model %r exited because the model was unloaded; leaving it", model)
+            log.warning("stub of model %r exited because the model was unloaded; leaving it", model)
             return True
         started = time.monotonic()
         log.warning("stub of model %r died; reloading it", model)
@@ -95,11 +95,23 @@ class StubWatchdog(threading.Thread):
         return True
 
     def run(self) -> None:
-        known = python_stubs(self.server_pid)
+        # pid -> model of every stub seen alive. A pid leaves only once its death is handled: a stub that
+        # dies between two scans (its exit takes a moment to show) is still noticed.
+        known: Dict[int, str] = {}
+        regions: Dict[int, List[Path]] = {}  # a stub's /dev/shm regions: a killed stub never removes them
         retry: Set[str] = set()  # models whose reload failed: tried again on the next round
         while not self._stop_event.wait(self.interval_s):
             if not _is_running(self.server_pid):
                 return
-            dead_models = sorted(retry | {model for pid, model in known.items() if not _is_running(pid)})
-            retry = {model for model in dead_models if not self.restore(model)}
-            known = python_stubs(self.server_pid)
+            try:  # one bad round (a process vanishing mid-scan) must not end the watchdog for good
+                alive = python_stubs(self.server_pid)
+                dead = {pid: model for pid, model in known.items() if pid not in alive}
+                retry = {model for model in sorted(retry | set(dead.values())) if not self.restore(model)}
+                for pid in dead:
+                    for region in regions.pop(pid, []):  # the server maps it no more, or keeps its mapping
+                        region.unlink(missing_ok=True)
+                known = {**alive, **python_stubs(self.server_pid)}  # with the stubs the reloads started
+                for pid in known.keys() - regions.keys():
+                    regions[pid] = stub_regions([pid])
+            except Exception:
+                log.exception("watchdog round failed; trying again")

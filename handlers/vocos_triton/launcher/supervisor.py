@@ -1,0 +1,86 @@
+"""Restarts a tritonserver that died while serving.
+
+tritonserver 2.51 can abort as a whole (``boost::interprocess::lock_exception``, signal 6) when a
+decoupled model's stub dies in the middle of sending a response: the stub held the lock of the shared
+message queue. The stub watchdog cannot help then. The supervisor notices the exit, kills what is left of
+the server's process group (orphaned stubs), removes their shared-memory regions (a killed stub never
+removes its own), and starts the server again on the same ports, with a new watchdog. It gives up after
+``max_restarts`` crashes within ``window_s``: a server that keeps crashing needs a person.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, List, Tuple
+
+from .memory import group_members, stub_regions
+
+if TYPE_CHECKING:
+    from .server import TritonServer
+
+log = logging.getLogger("vocos_triton.launcher.supervisor")
+
+def clean_up_group(pgid: int) -> int:
+    """SIGKILL what is left of a dead server's process group and remove its stubs' shared memory; returns
+    how many regions were removed."""
+    members = group_members(pgid)
+    regions = stub_regions(members)
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for region in regions:
+        region.unlink(missing_ok=True)
+    return len(regions)
+
+
+class ServerSupervisor(threading.Thread):
+    """Restarts ``server`` (a started :class:`TritonServer`) when its tritonserver exits on its own."""
+
+    def __init__(self, server: TritonServer, max_restarts: int = 5, window_s: float = 600.0,
+                 interval_s: float = 0.5) -> None:
+        super().__init__(name="tritonserver-supervisor", daemon=True)
+        self.server = server
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.interval_s = interval_s
+        self.restarts: List[Tuple[int, float]] = []  # (exit code, seconds from noticing to ready)
+        self._crashes: List[float] = []
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_event.is_set()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            process = self.server.process
+            if process is None or process.poll() is None:
+                continue
+            if self.stopping:
+                return
+            now = time.monotonic()
+            self._crashes = [t for t in self._crashes if now - t < self.window_s] + [now]
+            if len(self._crashes) > self.max_restarts:
+                log.error("tritonserver exited with code %s, the %d. time in %.0f s; not restarting it again",
+                          process.returncode, len(self._crashes), self.window_s)
+                return
+            log.error("tritonserver exited unexpectedly with code %s; restarting it (see %s)", process.returncode,
+                      self.server.log_file or "its output")
+            removed = clean_up_group(process.pid)
+            if removed:
+                log.warning("removed %d shared-memory regions its stubs left behind", removed)
+            try:
+                self.server.relaunch()
+            except Exception as exc:  # tried again next round while the window allows
+                log.error("could not restart tritonserver: %s", exc)
+                continue
+            self.restarts.append((process.returncode, time.monotonic() - now))
+            log.warning("tritonserver restarted in %.1f s", time.monotonic() - now)
