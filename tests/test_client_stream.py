@@ -84,8 +84,8 @@ def test_stream_equals_synthesize(client, mel, codes, kind, how):
     audio = joined(pieces)
     assert audio.shape == expected.shape
     assert ref.max_error(audio, expected) <= EXACT
-    if how != "whole":
-        assert len(pieces) > 1
+    # (how many pieces a chunked stream comes back in depends on how far the server's worker is behind:
+    # it runs waiting chunks together; audio arriving before the input ends is tested below)
 
 
 def test_a_torch_tensor_is_a_whole_array(client, mel):

@@ -64,6 +64,23 @@ def test_frozen_artifact_switches_its_linear_kernel_and_both_equal_the_reference
                 assert ref.max_error(out[i, : int(samples[i])].numpy(), expected) <= 1e-5, kernel
 
 
+def test_frozen_streaming_artifact_switches_its_linear_kernel_and_both_equal_the_reference(repository,
+                                                                                          reference_mel):
+    from vocos_triton.modules.streaming import decode_in_chunks
+
+    streaming = torch.jit.load(str(repository / "vocos_mel_stream" / "1" / ARTIFACT)).eval()
+    assert kernels.switchable(streaming) and streaming.linear_kernel() == ONEDNN
+    mel = ref.mel_features(reference_mel, speech_clip(30_000, seed=71))
+    expected = ref.mel_decode(reference_mel, mel)
+    chunks = [7, 40, mel.shape[-1] - 47]
+    with torch.inference_mode():
+        for kernel in LINEAR_KERNELS:
+            streaming.set_linear_kernel(kernel)
+            assert streaming.linear_kernel() == kernel
+            audio = torch.cat(decode_in_chunks(streaming, torch.from_numpy(mel), chunks)).numpy()
+            assert ref.max_error(audio, expected) <= 1e-4, kernel
+
+
 def test_measured_choice_keeps_the_faster_kernel_unless_within_the_margin(repository):
     vocoder = torch.jit.load(str(repository / "vocos_encodec" / "1" / ARTIFACT)).eval()
     from vocos_triton.serving.models import encodec_vocoder_probe
@@ -94,7 +111,7 @@ def test_int8_vocoder_has_no_kernel_to_switch(reference_mel):
 def test_vocoder_stubs_measure_and_log_their_kernel_in_the_runtime(triton):
     """The stubs (serving runtime, its torch) time both kernels at load and say so in the server log."""
     choices = kernels.parse_log(triton.log_file.read_text())
-    assert set(choices) == {"vocos_mel", "vocos_encodec"}, choices
+    assert set(choices) == {"vocos_mel", "vocos_encodec", "vocos_mel_stream", "decode_codes_stream"}, choices
     for choice in choices.values():
         assert choice.how == "measured" and choice.kernel in LINEAR_KERNELS
         assert set(choice.seconds) == set(LINEAR_KERNELS) and all(s > 0 for s in choice.seconds.values())

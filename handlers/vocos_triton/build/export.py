@@ -177,7 +177,7 @@ class StreamingArtifact(Artifact):
         scripted = torch.jit.script(module)
         if freeze:
             scripted = torch.jit.freeze(scripted.eval(), preserved_attrs=["initial_state", "geometry",
-                                                                          "lookahead_frames"])
+                                                                          "lookahead_frames", *KERNEL_METHODS])
         script_error = max(float((e - s).abs().max()) for e, s in zip(eager, self.decode(scripted)))
         if script_error > SCRIPT_TOLERANCE:
             raise ParityError(f"{self.name}: TorchScript module differs from eager by {script_error:.3g}")

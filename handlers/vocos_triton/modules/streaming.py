@@ -113,6 +113,18 @@ class StreamingVocos(nn.Module):
         return state
 
     @torch.jit.export
+    def set_linear_kernel(self, kernel: str) -> None:
+        """Run every Linear layer with ``kernel``, as :meth:`BatchedVocos.set_linear_kernel` does."""
+        for block in self.blocks:
+            block.pwconv1.kernel = kernel
+            block.pwconv2.kernel = kernel
+        self.out.kernel = kernel
+
+    @torch.jit.export
+    def linear_kernel(self) -> str:
+        return self.out.kernel
+
+    @torch.jit.export
     def geometry(self) -> Dict[str, int]:
         """What the caller needs to cut the audio and end a sequence (attributes do not survive freezing)."""
         return {"hop_length": self.hop_length, "trim_samples": self.trim_samples, "overlap": self.overlap,

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,8 +30,9 @@ from ..modules.streaming import piece_bounds
 from .allocator import MemoryReleaser
 from .base import TritonModel
 from .codebooks import TABLE_FILE, CodebookTable
+from .kernels import KernelChoice
 from .metrics import FIRST_AUDIO, AudioSeconds, LatencyHistogram
-from .torchscript import load_torchscript
+from .torchscript import choose_and_log_kernel, load_torchscript
 
 log = logging.getLogger("vocos_triton.serving.streaming")
 
@@ -68,6 +69,20 @@ class Sequence:
     heard: bool = False  # its first audio has been sent
 
 
+@dataclass
+class Piece:
+    """What one step runs of a sequence: the next ``count`` frames of each of its waiting chunks, in order
+    (all of them but the last taken whole); ``last`` when that ends the sequence (the flush is appended)."""
+
+    sequence: Sequence
+    parts: List[Tuple[Chunk, int]]
+    last: bool
+
+    @property
+    def frames(self) -> int:
+        return sum(count for _, count in self.parts)
+
+
 class StreamingModel(TritonModel):
     """Base of the two streaming models; subclasses say how a request's tensors become vocoder frames."""
 
@@ -87,6 +102,8 @@ class StreamingModel(TritonModel):
         if published != self.geometry["lookahead_frames"]:
             raise ValueError(f"{self.name}: config lookahead_frames is {published}, the artifact's is "
                              f"{self.geometry['lookahead_frames']}; fix config.pbtxt")
+        self.kernel_choice: Optional[KernelChoice] = choose_and_log_kernel(
+            self.module, self.device, self.kernel_probe(), self.name, self.pb)
         self.load_extra()
         # MB of freed activations the stub may keep for its next steps (see allocator.py; -1: keep all)
         self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
@@ -104,6 +121,8 @@ class StreamingModel(TritonModel):
         self.memory_releaser.settle()
         self.worker = threading.Thread(target=self.run_worker, name=f"{self.name}-worker", daemon=True)
         self.worker.start()
+        if self.kernel_choice is not None:
+            loaded += f", linear kernel {self.kernel_choice.describe()}"
         log.info("%s: loaded %s; lookahead %d frames, pieces of <= %d frames, <= %d open sequences, idle "
                  "timeout %.0f s", self.name, loaded, self.geometry["lookahead_frames"], self.max_piece_frames,
                  self.max_open_sequences, self.idle_timeout_s)
@@ -242,62 +261,77 @@ class StreamingModel(TritonModel):
         if idle and not self.sequences and not self.closing:
             self.memory_releaser.release()  # nothing is streaming: the heap goes back to its size at start
 
-    def plan_step(self) -> List[tuple]:
-        """Up to ``max_step_sequences`` waiting sequences, longest-waiting first, each with its next piece."""
+    def plan_step(self) -> List[Piece]:
+        """Up to ``max_step_sequences`` waiting sequences, longest-waiting first, each with its next piece.
+
+        A piece takes the sequence's waiting chunks in order up to the piece limit: a stream whose small
+        chunks queued up while the server was busy catches up in a few steps instead of one chunk per step
+        (at one 10-frame chunk per step it would fall further behind a paced sender under load)."""
         waiting = sorted((s for s in self.active() if s.chunks), key=lambda s: s.last_active)
         step = []
         for sequence in waiting[: self.max_step_sequences]:
-            chunk = sequence.chunks[0]
-            if chunk.sender.is_cancelled():
+            if sequence.chunks[0].sender.is_cancelled():
                 self.drop(sequence, "cancelled by its client")
                 continue
-            count = min(chunk.remaining, self.first_piece_frames if sequence.fed == 0 else self.max_piece_frames)
-            step.append((sequence, chunk, count, chunk.end and count == chunk.remaining))
+            room = self.first_piece_frames if sequence.fed == 0 else self.max_piece_frames
+            parts: List[Tuple[Chunk, int]] = []
+            for chunk in sequence.chunks:
+                count = min(chunk.remaining, room)
+                parts.append((chunk, count))
+                room -= count
+                if room == 0 or chunk.end:
+                    break
+            chunk, count = parts[-1]
+            step.append(Piece(sequence, parts, chunk.end and count == chunk.remaining))
         return step
 
-    def run_step(self, step: List[tuple]) -> None:
+    def run_step(self, step: List[Piece]) -> None:
         flush = self.geometry["flush_frames"]
         pieces, lengths, positions, ends = [], [], [], []
-        for sequence, chunk, count, last in step:
-            piece = chunk.frames[:, chunk.done : chunk.done + count]
-            real_fed = sequence.fed
-            if last:
-                piece = np.concatenate([piece, np.zeros((piece.shape[0], flush), np.float32)], axis=1)
-            pieces.append(piece)
-            lengths.append(piece.shape[1])
-            positions.append(sequence.fed)
-            ends.append(real_fed + count)
+        for piece in step:
+            frames = [chunk.frames[:, chunk.done : chunk.done + count] for chunk, count in piece.parts]
+            if piece.last:
+                frames.append(np.zeros((frames[0].shape[0], flush), np.float32))
+            pieces.append(np.concatenate(frames, axis=1) if len(frames) > 1 else frames[0])
+            lengths.append(pieces[-1].shape[1])
+            positions.append(piece.sequence.fed)
+            ends.append(piece.sequence.fed + piece.frames)
         width = max(lengths)
         frames = np.zeros((len(step), pieces[0].shape[0], width), np.float32)
         for i, piece in enumerate(pieces):
             frames[i, :, : piece.shape[1]] = piece
-        state = [torch.cat([s.state[k] for s, *_ in step]) for k in range(len(step[0][0].state))]
+        sequences = [piece.sequence for piece in step]
+        state = [torch.cat([s.state[k] for s in sequences]) for k in range(len(sequences[0].state))]
         try:
             with torch.inference_mode():
                 audio, new_state = self.module(
                     torch.from_numpy(frames).to(self.device), self.long(lengths), self.long(positions),
-                    self.long(ends), self.long([s.condition for s, *_ in step]), state)
+                    self.long(ends), self.long([s.condition for s in sequences]), state)
                 audio = audio.cpu().numpy()
         except Exception as exc:
             log.exception("%s: a streaming step of %d sequences failed", self.name, len(step))
             with self.lock:
-                for sequence, *_ in step:
+                for sequence in sequences:
                     self.drop(sequence, f"failed: inference error {type(exc).__name__}: {exc}")
             return
         with self.lock:
-            for i, (sequence, chunk, count, last) in enumerate(step):
+            for i, piece in enumerate(step):
+                sequence = piece.sequence
                 sequence.state = [tensor[i : i + 1] for tensor in new_state]
-                start, stop = piece_bounds(self.geometry, positions[i], lengths[i], ends[i], last)
+                start, stop = piece_bounds(self.geometry, positions[i], lengths[i], ends[i], piece.last)
                 samples = audio[i, start:stop]
                 sequence.fed += lengths[i]
-                chunk.done += count
                 sequence.last_active = time.monotonic()
-                finished = chunk.remaining == 0
-                if finished:
-                    sequence.chunks.popleft()
-                if last and sequence in self.closing:
+                for chunk, count in piece.parts:
+                    chunk.done += count
+                    finished = chunk.remaining == 0
+                    if finished and sequence.chunks and sequence.chunks[0] is chunk:  # (not dropped meanwhile)
+                        sequence.chunks.popleft()
+                    # the step's audio goes with the newest request it ran; earlier ones only end
+                    newest = chunk is piece.parts[-1][0]
+                    self.send(chunk.sender, samples if newest else samples[:0], finished)
+                if piece.last and sequence in self.closing:
                     self.closing.remove(sequence)
-                self.send(chunk.sender, samples, finished)
                 if samples.size:
                     self.audio_seconds.add(samples.size)
                     if not sequence.heard:
@@ -318,6 +352,14 @@ class StreamingModel(TritonModel):
 
     def long(self, values: List[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def kernel_probe(self) -> tuple:
+        """A busy step to time the Linear kernels on: 4 sequences, a full piece each, mid-stream."""
+        batch, width = 4, self.max_piece_frames
+        frames = torch.randn(batch, self.geometry["input_channels"], width, generator=torch.Generator().manual_seed(0))
+        positions = self.long([100] * batch)
+        return (frames, self.long([width] * batch), positions, positions + width, self.long([0] * batch),
+                self.module.initial_state(batch))
 
     def warm_up(self) -> None:
         """Two forwards (TorchScript profiles its first runs) on zeros, a few pieces' worth."""

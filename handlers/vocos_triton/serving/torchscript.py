@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,21 @@ def load_torchscript(args: Dict[str, str], version_dir: str,
     return module, device, f"{path} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
+def choose_and_log_kernel(module: torch.jit.ScriptModule, device: torch.device,
+                          probe: Optional[Sequence[Any]], name: str, pb: Any) -> Optional[KernelChoice]:
+    """Choose ``module``'s Linear kernel by timing it on ``probe`` (its forward's arguments; tensors go to
+    ``device``) and write the choice into tritonserver's log; None when there is nothing to choose."""
+    if probe is None or not switchable(module) or device.type != "cpu":
+        return None
+    choice = choose_linear_kernel(module, [a.to(device) if isinstance(a, torch.Tensor) else a for a in probe])
+    line = choice.log_line(name)
+    log.info(line)
+    logger = getattr(pb, "Logger", None)  # the stub's logger writes into tritonserver's log
+    if logger is not None:
+        logger.log_info(line)
+    return choice
+
+
 class TorchScriptModel(RaggedBatchModel):
     """Loads ``<version>/model.pt`` on the instance's device; ``torch_threads`` (config) > 0 sets the
     intra-op threads (0: torch's default, one per core)."""
@@ -56,16 +71,7 @@ class TorchScriptModel(RaggedBatchModel):
 
     def choose_kernel(self) -> Optional[KernelChoice]:
         """Time the vocoder's Linear kernels on this CPU and keep the faster (see :mod:`.kernels`)."""
-        probe = self.kernel_probe()
-        if probe is None or not switchable(self.module) or self.device.type != "cpu":
-            return None
-        choice = choose_linear_kernel(self.module, [t.to(self.device) for t in probe])
-        line = choice.log_line(self.name)
-        log.info(line)
-        logger = getattr(self.pb, "Logger", None)  # the stub's logger writes into tritonserver's log
-        if logger is not None:
-            logger.log_info(line)
-        return choice
+        return choose_and_log_kernel(self.module, self.device, self.kernel_probe(), self.name, self.pb)
 
     def kernel_probe(self) -> Optional[Tuple[torch.Tensor, ...]]:
         """Inputs of a typical forward to time the kernels on; None: the model has no kernel to choose."""
