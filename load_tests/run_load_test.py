@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -290,22 +291,27 @@ class MemoryReport:
         mib = 2**20
         idle = f"idle {self.idle_bytes / mib:.0f} MiB, " if self.idle_bytes is not None else ""
         return (f"server memory (PSS, tritonserver + stubs): {idle}start {self.start_bytes / mib:.0f} MiB "
-                f"(t={self.start_elapsed_s:.0f} s), end {self.end_bytes / mib:.0f} MiB (t={self.end_elapsed_s:.0f} s), "
+                f"(median from t={self.start_elapsed_s:.0f} s), end {self.end_bytes / mib:.0f} MiB (median to "
+                f"t={self.end_elapsed_s:.0f} s), "
                 f"growth {self.growth_percent:+.1f}%")
 
 
 def memory_report(idle: Optional[MemorySample], samples: List[MemorySample], warmup_s: float,
-                  final: Optional[MemorySample]) -> MemoryReport:
-    """Start = first sample after ``warmup_s`` of load (allocator pools and batch buffers grown once
-    are not a leak); end = the last sample under load. Growth is end vs start."""
+                  final: Optional[MemorySample], window_s: float = 0.0) -> MemoryReport:
+    """Start = the median of the samples in the ``window_s`` after ``warmup_s`` of load (allocator pools
+    and batch buffers grown once are not a leak); end = the median of the last ``window_s`` of samples.
+    Medians, because one sample swings by a batch's activations (±10 % under a mixed load); with
+    ``window_s`` 0 they are single samples. Growth is end vs start."""
     report = MemoryReport(idle_bytes=idle.pss_bytes if idle else None)
     if not samples:
         return report
     warm = [s for s in samples if s.elapsed_s >= warmup_s] or samples[-1:]
-    start, end = warm[0], samples[-1]
-    report.start_bytes, report.start_elapsed_s = start.pss_bytes, start.elapsed_s
-    report.end_bytes, report.end_elapsed_s = end.pss_bytes, end.elapsed_s
-    report.growth_percent = round(100.0 * (end.pss_bytes - start.pss_bytes) / start.pss_bytes, 2)
+    first = [s for s in warm if s.elapsed_s <= warm[0].elapsed_s + window_s]
+    last = [s for s in samples if s.elapsed_s >= samples[-1].elapsed_s - window_s]
+    report.start_bytes = int(statistics.median(s.pss_bytes for s in first))
+    report.end_bytes = int(statistics.median(s.pss_bytes for s in last))
+    report.start_elapsed_s, report.end_elapsed_s = warm[0].elapsed_s, samples[-1].elapsed_s
+    report.growth_percent = round(100.0 * (report.end_bytes - report.start_bytes) / report.start_bytes, 2)
     if final is not None:
         report.per_process_end = final.per_process
     return report
@@ -363,7 +369,8 @@ def run(args: argparse.Namespace) -> LoadTestResult:
         if sampler is not None:
             sampler.stop()
         samples = sampler.samples if sampler is not None else []
-        memory = memory_report(idle, samples, warmup_s=min(args.memory_warmup, args.duration / 3), final=final)
+        memory = memory_report(idle, samples, warmup_s=min(args.memory_warmup, args.duration / 3), final=final,
+                               window_s=min(60.0, args.duration / 10))
     finally:
         if server is not None:
             server.stop()
@@ -427,9 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-pid", type=int, default=None,
                         help="tritonserver pid for memory sampling with --url (default: whoever listens on the port)")
     parser.add_argument("--memory-interval", type=float, default=2.0, help="seconds between PSS samples (default 2)")
-    parser.add_argument("--memory-warmup", type=float, default=10.0,
-                        help="seconds of load before the 'start' memory sample "
-                             "(at most a third of the run; default 10)")
+    parser.add_argument("--memory-warmup", type=float, default=60.0,
+                        help="seconds of load before the 'start' memory window (at most a third of the run; "
+                             "default 60); start and end are medians over a tenth of the run, at most 60 s")
     parser.add_argument("locust_args", nargs=argparse.REMAINDER,
                         help="after '--': extra Locust options, e.g. -- --pool-size 24 --think-time 0.5")
     return parser

@@ -67,3 +67,36 @@ def test_glibc_keeps_freed_heap_until_the_releaser_trims_it():
     assert result["trimmed"], "64 MiB freed is over the 16 MiB allowance"
     assert result["after"] < 16 * MIB, f"trim left too much resident: {result}"
     assert not result["again"], "back under the allowance: no second trim"
+
+
+_IDLE_HEAP = """
+import ctypes, json, time
+from vocos_triton.serving.allocator import MemoryReleaser, anonymous_resident_bytes
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+releaser = MemoryReleaser(retain_mb=1024)  # far more than the forward below: after() keeps it all
+releaser.settle()
+assert releaser.release_when_idle(0.5, poll_s=0.05)
+chunk = 64 * 1024
+chunks = [libc.malloc(chunk) for _ in range(64 * 2**20 // chunk)]
+for address in chunks:
+    ctypes.memset(address, 1, chunk)
+for address in chunks:
+    libc.free(address)
+kept = releaser.after()
+busy = anonymous_resident_bytes() - releaser.baseline
+time.sleep(0.2)  # not idle long enough yet
+early = anonymous_resident_bytes() - releaser.baseline
+time.sleep(0.8)
+idle = anonymous_resident_bytes() - releaser.baseline
+print(json.dumps({"kept": not kept, "busy": busy, "early": early, "idle": idle, "trims": releaser.trims}))
+"""
+
+
+def test_a_stub_gives_back_what_it_kept_once_idle():
+    """After a burst the stub's heap returns to its size at start, but not while work keeps coming."""
+    result = json.loads(subprocess.run([sys.executable, "-c", _IDLE_HEAP], check=True, capture_output=True,
+                                       text=True).stdout)
+    assert result["kept"] and result["busy"] > 48 * MIB and result["early"] > 48 * MIB, result
+    assert result["idle"] < 16 * MIB and result["trims"] == 1, result

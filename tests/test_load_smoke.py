@@ -82,6 +82,10 @@ def test_runner_duration_and_memory_report() -> None:
     # start is the first sample after the warm-up, end the last one
     assert report.start_bytes == 1100 * mib and report.end_bytes == 1200 * mib
     assert report.growth_percent == pytest.approx(100 / 11, abs=0.01)
+    # with a window, start and end are medians: one sample's swing (a batch in flight) does not decide
+    swinging = [runner.MemorySample(t, (1000 + (300 if t in (12, 40) else 0)) * mib, 6) for t in range(0, 42, 2)]
+    report = runner.memory_report(None, swinging, warmup_s=10, final=None, window_s=8)
+    assert report.start_bytes == report.end_bytes == 1000 * mib and report.growth_percent == 0
 
 
 class RecordingClient:

@@ -236,13 +236,23 @@ def read_api_key(path: Optional[PathOrStr] = None) -> Optional[str]:
     return checked_api_key(os.environ[Access.API_KEY_ENV]) if os.environ.get(Access.API_KEY_ENV) else None
 
 
+#: How much sooner than the gRPC deadline the server's request timeout fires (at most; a tenth of the
+#: time left when that is less): a queued request the caller would give up on is refused by the server
+#: first, so the client seldom has to cancel. tritonserver 2.51 can crash on a cancellation that races
+#: the request's completion (triton-inference-server/server#7368, fixed in 2.53).
+SERVER_TIMEOUT_LEAD_S = 0.25
+
+
 def request_timeout_us(remaining_s: Optional[float]) -> Optional[int]:
     """The call's remaining time as Triton's request timeout (microseconds; ``None``: the server's default).
 
     Sent with each attempt, it makes the server drop the request from its queue once the caller has
-    stopped waiting (an ensemble passes it on to its steps), instead of computing it for nobody.
+    stopped waiting (an ensemble passes it on to its steps), instead of computing it for nobody; it
+    fires :data:`SERVER_TIMEOUT_LEAD_S` (or a tenth of ``remaining_s``) before the gRPC deadline.
     """
-    return None if remaining_s is None else max(1, int(remaining_s * 1e6))
+    if remaining_s is None:
+        return None
+    return max(1, int((remaining_s - min(SERVER_TIMEOUT_LEAD_S, remaining_s / 10)) * 1e6))
 
 
 class ClientBase:

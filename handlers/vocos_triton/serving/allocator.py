@@ -14,6 +14,10 @@ glibc's own trimming is switched off for the same reason (:func:`hold_freed_memo
 gives the top of the heap back whenever a free leaves more than a few MB there, which is after
 nearly every forward, and the next forward faults it back in (thousands of page faults per forward).
 
+What a stub keeps for its next forwards it gives back once it has been idle for ``idle_release_s``
+(:meth:`MemoryReleaser.release_when_idle`): after a burst, the server's memory returns to its size
+before it, while a steady load never pays the refaults.
+
 The measurements behind this policy are in docs/performance.md ("Heap policy").
 """
 from __future__ import annotations
@@ -22,6 +26,8 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import threading
+import time
 from typing import Callable, Optional
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -30,6 +36,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 #: mapped per allocation and unmapped on free, as before
 MMAP_THRESHOLD_BYTES = 32 * 2**20
 _NEVER_TRIM_BYTES = 2**31 - 1
+#: seconds without a forward after which a stub gives back what it kept (config ``idle_release_s``)
+IDLE_RELEASE_S = 5.0
 
 
 @functools.cache  # loaded once per process, by whichever caller comes first
@@ -80,6 +88,9 @@ class MemoryReleaser:
         self._trim = libc.malloc_trim if libc is not None else None
         self.baseline = 0
         self.trims = 0
+        self._last_active = time.monotonic()
+        self._idle_trimmed = True  # nothing to give back before the first forward
+        self._idle_thread: Optional[threading.Thread] = None
 
     def settle(self) -> None:
         """Take the current heap as the size the stub returns to (weights and warm-up state loaded)."""
@@ -96,8 +107,27 @@ class MemoryReleaser:
         return True
 
     def after(self) -> bool:
+        self._last_active, self._idle_trimmed = time.monotonic(), False
         if self._trim is None or self._resident() - self.baseline <= self.retain_bytes:
             return False
         self._trim(0)
         self.trims += 1
+        return True
+
+    def release_when_idle(self, idle_s: float, poll_s: float = 1.0) -> bool:
+        """Start a daemon thread that gives the freed heap back once no :meth:`after` was called for
+        ``idle_s`` (once per idle spell); False when trimming is disabled or ``idle_s`` <= 0."""
+        if self._trim is None or idle_s <= 0 or self._idle_thread is not None:
+            return False
+
+        def watch() -> None:
+            while True:
+                time.sleep(poll_s)
+                if not self._idle_trimmed and time.monotonic() - self._last_active >= idle_s:
+                    self._idle_trimmed = True
+                    if self._resident() > self.baseline:
+                        self.release()
+
+        self._idle_thread = threading.Thread(target=watch, name="heap-idle-release", daemon=True)
+        self._idle_thread.start()
         return True

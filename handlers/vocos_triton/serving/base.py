@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..contract import DEFAULT_MAX_SECONDS, InvalidInput, Limits, Tensor
-from .allocator import MemoryReleaser
+from .allocator import IDLE_RELEASE_S, MemoryReleaser
 from .metrics import AudioSeconds
 
 log = logging.getLogger("vocos_triton.serving")
@@ -136,6 +136,8 @@ class RaggedBatchModel(TritonModel):
         self.configure()
         self.warm_up()
         self.memory_releaser.settle()
+        # what the stub kept for its next forwards goes back after this long without work (-1: never)
+        self.memory_releaser.release_when_idle(self.float_parameter("idle_release_s", IDLE_RELEASE_S))
         log.info("%s: loaded %s", self.name, loaded)
 
     def execute(self, requests: List[Any]) -> List[Any]:
