@@ -149,3 +149,18 @@ def test_crashed_tritonserver_is_restarted_on_the_same_ports(triton, reference_m
     assert not group_members(old_pid) and not any(r.exists() for r in regions)
     watchdog = triton.watchdog
     assert watchdog is not None and watchdog.is_alive() and watchdog.server_pid == triton.process.pid
+
+
+def test_stopping_a_dead_server_leaves_no_orphaned_stubs(triton):
+    """Very last (it stops the session's server): when tritonserver died and nobody restarts it, stop()
+    still ends its orphaned stubs and removes their shared memory (they would hold ~1 GB and CPU)."""
+    from vocos_triton.launcher.memory import group_members, stub_regions
+
+    pid = triton.process.pid
+    triton.supervisor.stop()  # nobody restarts it: as with --no-restart, or after too many crashes
+    regions = stub_regions(group_members(pid))
+    os.kill(pid, signal.SIGKILL)
+    triton.process.wait()
+    assert group_members(pid), "the stubs outlive their server"
+    triton.stop()
+    assert not group_members(pid) and regions and not any(r.exists() for r in regions)

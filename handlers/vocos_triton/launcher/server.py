@@ -49,7 +49,7 @@ from .access import (
     restriction_args,
 )
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
-from .supervisor import ServerSupervisor
+from .supervisor import ServerSupervisor, clean_up_group
 from .watchdog import StubWatchdog
 
 log = logging.getLogger("vocos_triton.launcher.server")
@@ -413,6 +413,10 @@ class TritonServer:
                 code = process.wait()
         elif process is not None:
             code = process.returncode
+        if process is not None:  # a server that died leaves its stubs running, orphaned, and their memory
+            removed = clean_up_group(process.pid)
+            if removed:
+                log.warning("removed %d shared-memory regions of a dead server's stubs", removed)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vocos_triton.launcher.supervisor")
 
 def clean_up_group(pgid: int) -> int:
-    """SIGKILL what is left of a dead server's process group and remove its stubs' shared memory; returns
-    how many regions were removed."""
+    """SIGKILL what is left of a dead server's process group, wait (10 s at most) until it is gone, and
+    remove its stubs' shared memory; returns how many regions were removed."""
     members = group_members(pgid)
     regions = stub_regions(members)
     for pid in members:
@@ -33,6 +33,9 @@ def clean_up_group(pgid: int) -> int:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 10.0  # a killed stub takes a moment to release its memory and exit
+    while members and group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for region in regions:
         region.unlink(missing_ok=True)
     return len(regions)
