@@ -354,4 +354,5 @@ def test_truncated_and_malformed_streams_never_hurt_the_server(triton, grpc_clie
     assert sorted(python_stubs(triton.process.pid).items()) == stubs, "a stub died (and was replaced)"
     assert (list(triton.watchdog.restarts) if triton.watchdog else []) == restarts
     after = valid_stream(triton.grpc_url, 1)
-    assert after.shape == before.shape and np.array_equal(after, before)
+    # equal within the streams' exactness (1e-5; where a step's piece ends depends on how chunks queued)
+    assert after.shape == before.shape and float(np.abs(after - before).max()) <= 1e-5

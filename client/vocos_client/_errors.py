@@ -155,9 +155,9 @@ def from_triton(exc: InferenceServerException) -> VocosError:
                                      status=status, server_message=raw)
     if _QUEUE_FULL.search(raw):
         return ServerBusyError(f"server busy: {message}", status=status, server_message=raw)
-    if _QUEUE_TIMEOUT.search(raw):
-        return DeadlineExceededError(f"deadline passed while queued at the server: {message}", status=status,
-                                     server_message=raw)
+    if _QUEUE_TIMEOUT.search(raw):  # the server said UNAVAILABLE; for the caller the time is spent
+        return DeadlineExceededError(f"deadline passed while queued at the server: {message}",
+                                     status=DEADLINE_EXCEEDED, server_message=raw)
     if status == UNAVAILABLE or _model_restarting(status, raw):
         return ServerUnavailableError(message, status=status, server_message=raw)
     if status == DEADLINE_EXCEEDED:
