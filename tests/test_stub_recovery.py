@@ -161,6 +161,5 @@ def test_stopping_a_dead_server_leaves_no_orphaned_stubs(triton):
     regions = stub_regions(group_members(pid))
     os.kill(pid, signal.SIGKILL)
     triton.process.wait()
-    assert group_members(pid), "the stubs outlive their server"
-    triton.stop()
+    triton.stop()  # (the orphaned stubs may have noticed and exited by now, leaving their regions)
     assert not group_members(pid) and regions and not any(r.exists() for r in regions)

@@ -48,6 +48,7 @@ from .access import (
     redact,
     restriction_args,
 )
+from .memory import group_members, stub_regions
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
 from .supervisor import ServerSupervisor, clean_up_group
 from .watchdog import StubWatchdog
@@ -233,6 +234,9 @@ class TritonServer:
         self.watchdog: Optional[StubWatchdog] = None
         self.supervisor: Optional[ServerSupervisor] = None
         self._stopped = False  # set by stop(): a restart in progress must not outlive it
+        # the stubs' /dev/shm regions, read when the server became ready: a stub that exits by itself
+        # when its server died takes its region's name with it, not the region
+        self.known_regions: List[Path] = []
         self._command: List[str] = []
         self._environment: Dict[str, str] = {}
         self.runtime: Optional[Runtime] = None
@@ -350,6 +354,7 @@ class TritonServer:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
             raise
+        self.known_regions = stub_regions(group_members(process.pid))
         if self.options.watchdog:
             http_headers = {Access.ADMIN_KEY: self._admin_key} if self._admin_key else {}
             self.watchdog = StubWatchdog(self.process.pid, self.http_url, headers=http_headers)
@@ -414,7 +419,7 @@ class TritonServer:
         elif process is not None:
             code = process.returncode
         if process is not None:  # a server that died leaves its stubs running, orphaned, and their memory
-            removed = clean_up_group(process.pid)
+            removed = clean_up_group(process.pid, self.known_regions)
             if removed:
                 log.warning("removed %d shared-memory regions of a dead server's stubs", removed)
         if self._log_handle is not None:

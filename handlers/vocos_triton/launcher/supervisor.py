@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, List, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, List, Tuple
 
 from .memory import group_members, stub_regions
 
@@ -23,11 +24,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vocos_triton.launcher.supervisor")
 
-def clean_up_group(pgid: int) -> int:
+def clean_up_group(pgid: int, known_regions: Iterable[Path] = ()) -> int:
     """SIGKILL what is left of a dead server's process group, wait (10 s at most) until it is gone, and
-    remove its stubs' shared memory; returns how many regions were removed."""
+    remove its stubs' shared memory: the regions of the stubs still running, and ``known_regions`` (those
+    of stubs that already exited by themselves); returns how many regions were removed."""
     members = group_members(pgid)
-    regions = stub_regions(members)
+    regions = sorted(set(stub_regions(members)) | set(known_regions))
     for pid in members:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -36,9 +38,12 @@ def clean_up_group(pgid: int) -> int:
     deadline = time.monotonic() + 10.0  # a killed stub takes a moment to release its memory and exit
     while members and group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
+    removed = 0
     for region in regions:
-        region.unlink(missing_ok=True)
-    return len(regions)
+        if region.exists():
+            region.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 class ServerSupervisor(threading.Thread):
@@ -77,7 +82,7 @@ class ServerSupervisor(threading.Thread):
                 return
             log.error("tritonserver exited unexpectedly with code %s; restarting it (see %s)", process.returncode,
                       self.server.log_file or "its output")
-            removed = clean_up_group(process.pid)
+            removed = clean_up_group(process.pid, self.server.known_regions)
             if removed:
                 log.warning("removed %d shared-memory regions its stubs left behind", removed)
             try:
