@@ -46,7 +46,6 @@ import tritonclient.grpc as grpcclient
 from vocos_client._common import balancing_channel_args, grpc_target
 from vocos_triton.contract import Model, Tensor
 from vocos_triton.launcher import metrics
-from vocos_triton.launcher.memory import process_tree, stub_regions
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -107,13 +106,10 @@ class Replica:
         process = self.server.process
         self.alive = False
         if process is not None and process.poll() is None:
-            regions = stub_regions(process_tree(process.pid))
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            for region in regions:  # a SIGKILLed stub leaves its /dev/shm region behind (a pod's goes with it)
-                region.unlink(missing_ok=True)
-        self.server.process = None
-        self.server.stop()  # closes the log file; nothing is left to signal
+        # stopping a dead server removes the /dev/shm regions its SIGKILLed stubs left (a pod's go with it)
+        self.server.stop()
 
 
 def start_replica(name: str, repository: Path, work: Path, attempts: int = 3) -> Replica:

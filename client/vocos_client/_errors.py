@@ -97,8 +97,9 @@ class ServerUnavailableError(VocosError):
 
 
 class ServerBusyError(ServerUnavailableError):
-    """The server refused the request at once because the model's queue is full, or the request's
-    deadline passed while it queued (``UNAVAILABLE``); retried with backoff within the call's deadline."""
+    """The server refused the request at once because the model's queue is full (``UNAVAILABLE``);
+    retried with backoff within the call's deadline. (A deadline that passed while the request queued
+    is a :class:`DeadlineExceededError`.)"""
 
 
 class PermissionDeniedError(VocosError):

@@ -110,7 +110,9 @@ class StubWatchdog(threading.Thread):
                 for pid in dead:
                     for region in regions.pop(pid, []):  # the server maps it no more, or keeps its mapping
                         region.unlink(missing_ok=True)
-                known = {**alive, **python_stubs(self.server_pid)}  # with the stubs the reloads started
+                if dead:  # add the stubs the reloads started
+                    alive = {**alive, **python_stubs(self.server_pid)}
+                known = alive
                 for pid in known.keys() - regions.keys():
                     regions[pid] = stub_regions([pid])
             except Exception:
