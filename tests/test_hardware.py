@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -110,12 +111,45 @@ def test_int8_vocoder_has_no_kernel_to_switch(reference_mel):
 
 def test_vocoder_stubs_measure_and_log_their_kernel_in_the_runtime(triton):
     """The stubs (serving runtime, its torch) time both kernels at load and say so in the server log."""
-    choices = kernels.parse_log(triton.log_file.read_text())
-    assert set(choices) == {"vocos_mel", "vocos_encodec", "vocos_mel_stream", "decode_codes_stream"}, choices
-    for choice in choices.values():
-        assert choice.how == "measured" and choice.kernel in LINEAR_KERNELS
-        assert set(choice.seconds) == set(LINEAR_KERNELS) and all(s > 0 for s in choice.seconds.values())
-        assert choice.torch == triton.runtime.torch_version
+    lines = [line for line in triton.log_file.read_text().splitlines() if kernels.LOG_PREFIX in line]
+    by_model: Dict[str, List[kernels.KernelChoice]] = {}
+    for line in lines:
+        for model, choice in kernels.parse_log(line).items():
+            by_model.setdefault(model, []).append(choice)
+    assert set(by_model) == {"vocos_mel", "vocos_encodec", "vocos_mel_stream", "decode_codes_stream"}, by_model
+    for model, choices in by_model.items():
+        # each load of the model: its first instance measures, a second one takes that choice
+        assert choices[0].how == "measured", (model, choices)
+        assert {c.how for c in choices} <= {"measured", "shared"}
+        for choice in choices:
+            assert choice.kernel in LINEAR_KERNELS
+            assert set(choice.seconds) == set(LINEAR_KERNELS) and all(s > 0 for s in choice.seconds.values())
+            assert choice.torch == triton.runtime.torch_version
+    for model in ("vocos_mel", "vocos_encodec"):  # two instances: one measured, the other shared its choice
+        assert [c.how for c in by_model[model][:2]] == ["measured", "shared"], by_model[model]
+        assert by_model[model][1].kernel == by_model[model][0].kernel
+
+
+def test_kernel_is_measured_once_per_model_and_server(tmp_path):
+    """The instances of a model take the choice its first instance measured; other keys measure."""
+    calls: List[str] = []
+
+    def measure(kernel: str) -> kernels.KernelChoice:
+        calls.append(kernel)
+        return kernels.KernelChoice(kernel, "measured", {k: 0.1 for k in LINEAR_KERNELS})
+
+    first = kernels.measure_once(f"{os.getpid()}-vocos_mel", lambda: measure(ATEN), tmp_path)
+    second = kernels.measure_once(f"{os.getpid()}-vocos_mel", lambda: measure("never"), tmp_path)
+    other = kernels.measure_once(f"{os.getpid()}-vocos_encodec", lambda: measure(ATEN), tmp_path)
+    assert calls == [ATEN, ATEN]
+    assert (first.how, second.how, other.how) == ("measured", "shared", "measured")
+    assert (second.kernel, second.seconds) == (first.kernel, first.seconds)
+    forced = kernels.measure_once("1-forced", lambda: kernels.KernelChoice(ATEN, "forced", {}), tmp_path)
+    assert forced.how == "forced" and not (tmp_path / "1-forced.json").exists()  # nothing to share
+    # a record of a server that is gone is dropped, not reused by a later server with that pid
+    (tmp_path / "999999999-vocos_mel.json").write_text(first.log_line("x"))
+    kernels.measure_once(f"{os.getpid()}-x", lambda: measure(ATEN), tmp_path)
+    assert not (tmp_path / "999999999-vocos_mel.json").exists()
 
 
 def test_inprocess_worker_applies_the_stubs_choice(repository, tmp_path):

@@ -45,7 +45,10 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
                 except Exception as exc:  # recorded and asserted on below
                     sdk_results.append(exc)
 
-    (stub_pid,) = [pid for pid, model in python_stubs(triton.process.pid).items() if model == "vocos_mel"]
+    # the model runs two instances (one computing at a time); one of them dies
+    stub_pids = [pid for pid, model in python_stubs(triton.process.pid).items() if model == "vocos_mel"]
+    assert len(stub_pids) == 2, stub_pids
+    stub_pid = stub_pids[0]
     (region,) = stub_regions([stub_pid])
     # under load: several callers at once; default settings retry within the call's deadline (60 s),
     # not a count, so none of them loses a request while the model reloads
@@ -56,22 +59,31 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
     os.kill(stub_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     restored_after = None
-    while time.monotonic() - killed_at < 60:
+    while time.monotonic() - killed_at < 60:  # restored: reloaded by the watchdog, and answering
         try:
             raw.infer("vocos_mel", make_inputs({"mel": mel}), client_timeout=10)
-            restored_after = time.monotonic() - killed_at
-            break
+            if triton.watchdog is not None and triton.watchdog.restarts:
+                restored_after = time.monotonic() - killed_at
+                break
         except InferenceServerException as exc:
             raw_statuses.append((time.monotonic() - killed_at, exc.status()))
-            time.sleep(0.1)
+        time.sleep(0.1)
     time.sleep(1.0)
     stop.set()
     for worker in workers:
         worker.join(timeout=120)
 
-    assert raw_statuses, "requests right after the kill should have failed"
+    # (plain requests right after the kill fail when they reach the dead instance, unless the live one
+    # took them all; the SDK's retries hide both)
     assert restored_after is not None and restored_after <= RESTORE_WITHIN_S, (restored_after, raw_statuses)
-    assert [m for m in python_stubs(triton.process.pid).values()].count("vocos_mel") == 1
+    def stubs() -> List[int]:
+        return [pid for pid, m in python_stubs(triton.process.pid).items() if m == "vocos_mel"]
+
+    settle_by = time.monotonic() + 30  # the reload starts new instances, then ends the surviving old one
+    while len(stubs()) != 2 and time.monotonic() < settle_by:
+        time.sleep(0.2)
+    restored = stubs()
+    assert len(restored) == 2 and not set(stub_pids) & set(restored), (stub_pids, restored)
     assert triton.watchdog is not None and [m for m, _ in triton.watchdog.restarts] == ["vocos_mel"]
     assert not region.exists()  # the killed stub's shared memory is removed, not leaked
     errors = [r for r in sdk_results if isinstance(r, Exception)]

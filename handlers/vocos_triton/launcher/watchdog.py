@@ -1,7 +1,10 @@
 """Restores a model whose Python-backend stub process died (tritonserver 2.51 never restarts one)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 import urllib.error
@@ -12,6 +15,9 @@ from typing import Dict, List, Optional, Set, Tuple
 from .memory import process_tree, stub_model, stub_regions
 
 log = logging.getLogger("vocos_triton.watchdog")
+
+#: seconds a stub of a reloaded model may take to exit with the old model before it is ended
+RETIRED_GRACE_S = 20.0
 
 
 def _is_running(pid: int) -> bool:
@@ -52,9 +58,26 @@ class StubWatchdog(threading.Thread):
         self.interval_s = interval_s
         self.restarts: List[Tuple[str, float]] = []  # (model, seconds from noticing to loaded)
         self._stop_event = threading.Event()
+        self._first_scan = python_stubs(server_pid)
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def scan(self, retired: Dict[int, float], regions: Dict[int, List[Path]]) -> Dict[int, str]:
+        """The live stubs, less the retired ones (see :meth:`run`); forgets retired stubs that have
+        exited (removing their shared memory) and ends those that outlived their grace period."""
+        alive = python_stubs(self.server_pid)
+        for pid, since in list(retired.items()):
+            if pid not in alive:
+                del retired[pid]
+                for region in regions.pop(pid, []):
+                    region.unlink(missing_ok=True)
+            elif time.monotonic() - since > RETIRED_GRACE_S:
+                log.warning("stub %d of an unloaded model (%s) still runs %.0f s after the reload; ending it",
+                            pid, alive[pid], RETIRED_GRACE_S)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return {pid: model for pid, model in alive.items() if pid not in retired}
 
     def _repository_call(self, model: str, action: str) -> None:
         request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
@@ -96,22 +119,33 @@ class StubWatchdog(threading.Thread):
 
     def run(self) -> None:
         # pid -> model of every stub seen alive. A pid leaves only once its death is handled: a stub that
-        # dies between two scans (its exit takes a moment to show) is still noticed.
-        known: Dict[int, str] = {}
+        # dies between two scans (its exit takes a moment to show) is still noticed. The first scan is
+        # the one taken when the watchdog was made, so a stub that dies before the first round counts.
+        known: Dict[int, str] = dict(self._first_scan)
         regions: Dict[int, List[Path]] = {}  # a stub's /dev/shm regions: a killed stub never removes them
+        # pid -> when: the other instances of a model that was reloaded. They leave with the unloaded
+        # model (the unload returns before they have exited), so their exit is no death to handle;
+        # one still running RETIRED_GRACE_S later is ended (it would hold its memory for good).
+        retired: Dict[int, float] = {}
         retry: Set[str] = set()  # models whose reload failed: tried again on the next round
         while not self._stop_event.wait(self.interval_s):
             if not _is_running(self.server_pid):
                 return
             try:  # one bad round (a process vanishing mid-scan) must not end the watchdog for good
-                alive = python_stubs(self.server_pid)
+                alive = self.scan(retired, regions)
                 dead = {pid: model for pid, model in known.items() if pid not in alive}
-                retry = {model for model in sorted(retry | set(dead.values())) if not self.restore(model)}
+                reloaded = set()
+                for model in sorted(retry | set(dead.values())):
+                    if self.restore(model):
+                        reloaded.add(model)
+                retry = (retry | set(dead.values())) - reloaded
                 for pid in dead:
                     for region in regions.pop(pid, []):  # the server maps it no more, or keeps its mapping
                         region.unlink(missing_ok=True)
+                now = time.monotonic()
+                retired.update({pid: now for pid, model in alive.items() if model in reloaded})
                 if dead:  # add the stubs the reloads started
-                    alive = {**alive, **python_stubs(self.server_pid)}
+                    alive = self.scan(retired, regions)
                 known = alive
                 for pid in known.keys() - regions.keys():
                     regions[pid] = stub_regions([pid])

@@ -8,17 +8,23 @@ Neither the export machine nor the build environment's torch says which one the 
 prefers, so each vocoder stub times both on its
 own CPU, with its own torch, when it loads (a few forwards of a few seconds of audio, alternating the
 kernels so that noise from other processes hits both alike), keeps the faster and logs the times.
+A model's instances are stubs of one server that load together: they measure one at a time, under a
+lock shared by the machine's stubs (fewer forwards compete for the cores while one is timed), and the
+first instance of a model to measure records its choice for the others (``how`` = "shared").
 
 ``VOCOS_LINEAR_KERNEL=onednn|aten`` forces a kernel (``auto``, the default, measures).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -36,11 +42,12 @@ MARGIN = 0.03
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """The kernel a vocoder runs, and why: ``how`` is "measured", "forced" (environment) or "only"."""
+    """The kernel a vocoder runs, and why: ``how`` is "measured", "shared" (measured by another instance of
+    the model), "forced" (environment) or "only"."""
 
     kernel: str
     how: str
-    #: best seconds per forward of the probe input, per kernel ("measured" only)
+    #: best seconds per forward of the probe input, per kernel ("measured" and "shared")
     seconds: Dict[str, float]
     torch: str = torch.__version__
 
@@ -111,3 +118,40 @@ def choose_linear_kernel(module: torch.jit.ScriptModule, args: Sequence[torch.Te
     kernel = fastest if best[fastest] < best[default] * (1 - MARGIN) else default
     module.set_linear_kernel(kernel)
     return KernelChoice(kernel, "measured", best)
+
+
+def choice_directory() -> Path:
+    """Where the stubs of this machine (and user) serialize their measurements and share their choices."""
+    return Path(tempfile.gettempdir()) / f"vocos-triton-kernels-{os.getuid()}"
+
+
+def measure_once(key: str, measure: Callable[[], KernelChoice], directory: Optional[Path] = None) -> KernelChoice:
+    """``measure()`` under a lock that the stubs of the machine share, once per ``key``: a later caller
+    with the same key (another instance of the same model, in the same server) gets the recorded choice,
+    marked "shared". Forced and only choices are not recorded (they cost nothing)."""
+    directory = directory or choice_directory()
+    record = directory / f"{key}.json"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        lock = open(directory / "measure.lock", "w")
+    except OSError:  # no writable temporary directory (a read-only filesystem): measure alone
+        return measure()
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        _forget_dead_servers(directory)
+        try:
+            return replace(KernelChoice(**json.loads(record.read_text())), how="shared")
+        except (OSError, ValueError, TypeError):
+            pass  # nothing recorded (or unreadable): measure
+        choice = measure()
+        if choice.how == "measured":
+            record.write_text(json.dumps(asdict(choice)))
+        return choice
+
+
+def _forget_dead_servers(directory: Path) -> None:
+    """Remove the choices recorded by stubs of servers that are gone (keys start with the server's pid)."""
+    for record in directory.glob("*-*.json"):
+        pid = record.name.split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            record.unlink(missing_ok=True)

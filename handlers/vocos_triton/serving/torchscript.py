@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .base import Outputs, RaggedBatchModel
-from .kernels import KernelChoice, choose_linear_kernel, switchable
+from .kernels import KernelChoice, choose_linear_kernel, measure_once, switchable
 
 ARTIFACT = "model.pt"
 log = logging.getLogger("vocos_triton.serving")
@@ -49,7 +49,10 @@ def choose_and_log_kernel(module: torch.jit.ScriptModule, device: torch.device,
     ``device``) and write the choice into tritonserver's log; None when there is nothing to choose."""
     if probe is None or not switchable(module) or device.type != "cpu":
         return None
-    choice = choose_linear_kernel(module, [a.to(device) if isinstance(a, torch.Tensor) else a for a in probe])
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in probe]
+    # the instances of a model are stubs of the same tritonserver (their parent): one measures for all
+    choice = measure_once(f"{os.getppid()}-{name}", lambda: choose_linear_kernel(module, args))
+    module.set_linear_kernel(choice.kernel)
     line = choice.log_line(name)
     log.info(line)
     logger = getattr(pb, "Logger", None)  # the stub's logger writes into tritonserver's log
