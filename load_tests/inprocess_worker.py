@@ -33,7 +33,7 @@ from vocos_triton.serving.torchscript import ARTIFACT
 def choose_kernels(vocoders: Dict[str, torch.jit.ScriptModule]) -> str:
     """What the vocoder stubs do at load (vocos_triton.serving.kernels): time the Linear kernels, keep the faster."""
     probes = {Model.VOCOS_MEL: mel_vocoder_probe, Model.VOCOS_ENCODEC: encodec_vocoder_probe}
-    return "; ".join(f"{name}: {choose_linear_kernel(module, probes[name]()).describe()}"
+    return "; ".join(f"{name}: {choose_linear_kernel(module, probes[name](), model=name).describe()}"
                      for name, module in vocoders.items() if switchable(module))
 
 

@@ -103,6 +103,17 @@ def test_a_forced_kernel_is_not_measured_and_a_bad_one_is_refused(repository):
         check_linear_kernel("fast")
 
 
+def test_kernel_forced_per_model():
+    env = {kernels.KERNEL_ENV: "vocos_mel=onednn, vocos_encodec=ATEN"}
+    assert kernels.requested_kernel(env, "vocos_mel") == ONEDNN
+    assert kernels.requested_kernel(env, "vocos_encodec") == ATEN
+    assert kernels.requested_kernel(env, "vocos_mel_stream") == kernels.AUTO  # not named: measured
+    with pytest.raises(ValueError, match="expected one of"):
+        kernels.requested_kernel({kernels.KERNEL_ENV: "vocos_mel=mkl"}, "vocos_mel")
+    with pytest.raises(ValueError, match="<model>=<kernel>"):
+        kernels.requested_kernel({kernels.KERNEL_ENV: "vocos_mel=onednn,aten"}, "vocos_mel")
+
+
 def test_int8_vocoder_has_no_kernel_to_switch(reference_mel):
     quantized = torch.jit.freeze(torch.jit.script(quantize_vocoder(BatchedVocos(reference_mel).eval())),
                                  preserved_attrs=["output_samples"])

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 from typing import Callable, Dict, Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from vocos_triton.build import export
 from vocos_triton.build.export import ARTIFACT, PROVENANCE, build_repository, pad_batch
 from vocos_triton.contract import BANDWIDTHS, CODEBOOKS, Model
 from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port
+from vocos_triton.serving import kernels
 from vocos_triton.serving.codebooks import TABLE_FILE
 from vocos_triton.speech import speech_clip
 
@@ -318,12 +320,17 @@ def test_provenance_records_the_transformers_layout(hf_repositories, hf_dirs):
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hf_triton(hf_repositories, tmp_path_factory) -> Iterator[TritonServer]:
+def hf_triton(triton, hf_repositories, tmp_path_factory) -> Iterator[TritonServer]:
+    """A server on the transformers-layout repository whose vocoders run the Linear kernels the session's
+    server chose (each server measures its own, and the two kernels differ in the last bits)."""
     build = tmp_path_factory.mktemp("triton-build-hf")
     options = ServerOptions(model_repository=hf_repositories["flat-safetensors"], grpc_port=free_port(),
                             http_port=free_port(), metrics_port=free_port(), build_dir=build, exit_timeout_s=10)
     server = TritonServer(options, log_file=build / "tritonserver.log")
-    server.start()
+    chosen = kernels.parse_log(triton.log_file.read_text())
+    forced = ",".join(f"{model}={choice.kernel}" for model, choice in sorted(chosen.items()))
+    with mock.patch.dict(os.environ, {kernels.KERNEL_ENV: forced}):
+        server.start()
     yield server
     server.stop()
 

@@ -12,7 +12,9 @@ A model's instances are stubs of one server that load together: they measure one
 lock shared by the machine's stubs (fewer forwards compete for the cores while one is timed), and the
 first instance of a model to measure records its choice for the others (``how`` = "shared").
 
-``VOCOS_LINEAR_KERNEL=onednn|aten`` forces a kernel (``auto``, the default, measures).
+``VOCOS_LINEAR_KERNEL=onednn|aten`` forces a kernel (``auto``, the default, measures);
+``VOCOS_LINEAR_KERNEL=vocos_mel=onednn,vocos_encodec=aten`` forces one per model (e.g. the choices a
+server logged, to run another with the same arithmetic).
 """
 from __future__ import annotations
 
@@ -74,10 +76,21 @@ def parse_log(text: str) -> Dict[str, KernelChoice]:
     return choices
 
 
-def requested_kernel(env: Optional[Dict[str, str]] = None) -> str:
-    """``$VOCOS_LINEAR_KERNEL`` (validated), ``auto`` when unset."""
+def requested_kernel(env: Optional[Dict[str, str]] = None, model: Optional[str] = None) -> str:
+    """What ``$VOCOS_LINEAR_KERNEL`` asks of ``model`` (validated): one kernel for every model
+    (``aten``), or one per model (``vocos_mel=onednn,vocos_encodec=aten``; a model not named measures);
+    ``auto`` when unset."""
     value = (os.environ if env is None else env).get(KERNEL_ENV, AUTO).strip().lower() or AUTO
-    return value if value == AUTO else check_linear_kernel(value)
+    if "=" not in value:
+        return value if value == AUTO else check_linear_kernel(value)
+    per_model = {}
+    for entry in value.split(","):
+        name, _, kernel = entry.partition("=")
+        if not name.strip() or not kernel.strip():
+            raise ValueError(f"{KERNEL_ENV}: expected <model>=<kernel>[,...], got {entry!r}")
+        per_model[name.strip()] = kernel.strip()
+    kernel = per_model.get(model or "", AUTO)
+    return kernel if kernel == AUTO else check_linear_kernel(kernel)
 
 
 def switchable(module: torch.jit.ScriptModule) -> bool:
@@ -102,9 +115,10 @@ def time_kernels(module: torch.jit.ScriptModule, args: Sequence[torch.Tensor], k
 
 
 def choose_linear_kernel(module: torch.jit.ScriptModule, args: Sequence[torch.Tensor], rounds: int = 3,
-                         env: Optional[Dict[str, str]] = None) -> KernelChoice:
-    """Set ``module``'s Linear kernel: the forced one, else the faster on ``args`` (best of ``rounds``)."""
-    requested = requested_kernel(env)
+                         env: Optional[Dict[str, str]] = None, model: Optional[str] = None) -> KernelChoice:
+    """Set ``module``'s Linear kernel: the one forced for ``model``, else the faster on ``args`` (best of
+    ``rounds``)."""
+    requested = requested_kernel(env, model)
     if requested != AUTO:
         module.set_linear_kernel(requested)
         return KernelChoice(requested, "forced", {})

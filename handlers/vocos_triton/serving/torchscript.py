@@ -51,7 +51,7 @@ def choose_and_log_kernel(module: torch.jit.ScriptModule, device: torch.device,
         return None
     args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in probe]
     # the instances of a model are stubs of the same tritonserver (their parent): one measures for all
-    choice = measure_once(f"{os.getppid()}-{name}", lambda: choose_linear_kernel(module, args))
+    choice = measure_once(f"{os.getppid()}-{name}", lambda: choose_linear_kernel(module, args, model=name))
     module.set_linear_kernel(choice.kernel)
     line = choice.log_line(name)
     log.info(line)
