@@ -19,6 +19,7 @@ from vocos_triton.launcher.server import free_port
 from vocos_triton.speech import SENTENCES, speech
 
 import reference_outputs as ref
+from triton_helpers import settled_counts
 
 PARITY = 1e-4   # the contract: equal to the reference packages per path
 BATCHED = 1e-5  # the contract: a request's output does not depend on what else was in its batch
@@ -140,20 +141,11 @@ def test_sync_async_and_batch_agree_in_order(vc, triton, mixed_items):
 
 def test_batch_of_mels_is_batched_by_the_server(vc, grpc_client):
     """Concurrent requests reach the model together: fewer executions than inferences."""
-    def counts():
-        stats = grpc_client.get_inference_statistics("vocos_mel", as_json=True)["model_stats"][0]
-        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
-
     rng = np.random.default_rng(3)
     mels = [rng.standard_normal((100, t)).astype(np.float32) for t in rng.integers(20, 200, 24)]
-    before = counts()
+    before = settled_counts(grpc_client, "vocos_mel")
     ys = vc.synthesize_batch(mels, max_concurrency=8)
-    after = counts()
-    for _ in range(50):  # Triton updates its statistics just after sending the responses
-        if after[0] - before[0] >= len(mels):
-            break
-        time.sleep(0.1)
-        after = counts()
+    after = settled_counts(grpc_client, "vocos_mel", before, len(mels))
     assert [y.shape[0] for y in ys] == [(m.shape[1] - 1) * 256 for m in mels]
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == len(mels) and executions < inferences

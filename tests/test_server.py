@@ -20,7 +20,7 @@ from vocos_triton.launcher.watchdog import python_stubs
 from vocos_triton.speech import speech_clip
 
 import reference_outputs as ref
-from triton_helpers import bandwidth_tensor, infer, make_inputs
+from triton_helpers import bandwidth_tensor, infer, make_inputs, settled_counts
 
 TOLERANCE = 1e-4
 SOLO_TOLERANCE = 1e-5
@@ -82,11 +82,6 @@ def _concurrent(client, model: str, requests: List[Dict[str, np.ndarray]]) -> Li
     return results
 
 
-def _counts(client, model: str) -> Tuple[int, int]:
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
-
-
 @pytest.mark.parametrize("model", ["vocos_mel", "resynthesize_mel", "decode_codes"])
 def test_concurrent_requests_of_different_lengths_are_batched_and_equal_solo(grpc_client, reference_mel, model):
     rng = np.random.default_rng(1)
@@ -100,13 +95,11 @@ def test_concurrent_requests_of_different_lengths_are_batched_and_equal_solo(grp
         requests = ([{"mel": ref.mel_features(reference_mel, c)} for c in clips] if model == "vocos_mel"
                     else [{"audio": c} for c in clips])
         step = "vocos_mel"
+    start = settled_counts(grpc_client, step)
     solo = [infer(grpc_client, model, **r) for r in requests]
-    before = _counts(grpc_client, step)
+    before = settled_counts(grpc_client, step, start, len(requests))
     results = _concurrent(grpc_client, model, requests)
-    deadline = time.monotonic() + 10  # a step's statistics land when its instance releases the requests,
-    while _counts(grpc_client, step)[0] - before[0] < len(requests) and time.monotonic() < deadline:
-        time.sleep(0.05)  # which can come after the ensemble answered
-    after = _counts(grpc_client, step)
+    after = settled_counts(grpc_client, step, before, len(requests))
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == len(requests)
     assert executions < inferences, f"{step}: {executions} executions for {inferences} inferences: no batching"

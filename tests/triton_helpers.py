@@ -1,7 +1,8 @@
 """Raw tritonclient calls for the server tests (the SDK has its own tests)."""
 from __future__ import annotations
 
-from typing import Dict
+import time
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -28,3 +29,26 @@ def infer(client: grpcclient.InferenceServerClient, model: str, output: str = "w
 
 def bandwidth_tensor(kbps: float) -> np.ndarray:
     return np.array([kbps], dtype=np.float32)
+
+
+def inference_counts(client: grpcclient.InferenceServerClient, model: str) -> Tuple[int, int]:
+    """(inferences, executions) tritonserver has counted for ``model``."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def settled_counts(client: grpcclient.InferenceServerClient, model: str, since: Optional[Tuple[int, int]] = None,
+                   inferences: int = 0, timeout_s: float = 10.0) -> Tuple[int, int]:
+    """:func:`inference_counts` once ``inferences`` more than ``since`` have landed and the counts stay put
+    for 0.2 s (or after ``timeout_s``): a model's statistics land when its instance releases the requests,
+    which can come after the client (or the ensemble) has its answer."""
+    since = since or (0, 0)
+    deadline = time.monotonic() + timeout_s
+    counts = inference_counts(client, model)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        latest = inference_counts(client, model)
+        if latest == counts and counts[0] - since[0] >= inferences:
+            break
+        counts = latest
+    return counts
