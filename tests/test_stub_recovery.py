@@ -45,8 +45,11 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
                 except Exception as exc:  # recorded and asserted on below
                     sdk_results.append(exc)
 
-    # the model runs two instances (one computing at a time); one of them dies
-    stub_pids = [pid for pid, model in python_stubs(triton.process.pid).items() if model == "vocos_mel"]
+    def stubs() -> List[int]:
+        return [pid for pid, model in python_stubs(triton.process.pid).items() if model == "vocos_mel"]
+
+    # the model runs two instances; one of them dies
+    stub_pids = stubs()
     assert len(stub_pids) == 2, stub_pids
     stub_pid = stub_pids[0]
     (region,) = stub_regions([stub_pid])
@@ -76,9 +79,6 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
     # (plain requests right after the kill fail when they reach the dead instance, unless the live one
     # took them all; the SDK's retries hide both)
     assert restored_after is not None and restored_after <= RESTORE_WITHIN_S, (restored_after, raw_statuses)
-    def stubs() -> List[int]:
-        return [pid for pid, m in python_stubs(triton.process.pid).items() if m == "vocos_mel"]
-
     settle_by = time.monotonic() + 30  # the reload starts new instances, then ends the surviving old one
     while len(stubs()) != 2 and time.monotonic() < settle_by:
         time.sleep(0.2)

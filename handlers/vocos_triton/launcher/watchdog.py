@@ -29,6 +29,13 @@ def _is_running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _remove_regions(regions: Dict[int, List[Path]], pid: int) -> None:
+    """Unlink the /dev/shm regions recorded for a stub that is gone (the server maps them no more, or keeps
+    its mapping); a killed stub never removes them itself."""
+    for region in regions.pop(pid, []):
+        region.unlink(missing_ok=True)
+
+
 def python_stubs(server_pid: int) -> Dict[int, str]:
     """pid -> model name of every live Python-backend stub under ``server_pid``."""
     stubs = {}
@@ -70,8 +77,7 @@ class StubWatchdog(threading.Thread):
         for pid, since in list(retired.items()):
             if pid not in alive:
                 del retired[pid]
-                for region in regions.pop(pid, []):
-                    region.unlink(missing_ok=True)
+                _remove_regions(regions, pid)
             elif time.monotonic() - since > RETIRED_GRACE_S:
                 log.warning("stub %d of an unloaded model (%s) still runs %.0f s after the reload; ending it",
                             pid, alive[pid], RETIRED_GRACE_S)
@@ -134,14 +140,11 @@ class StubWatchdog(threading.Thread):
             try:  # one bad round (a process vanishing mid-scan) must not end the watchdog for good
                 alive = self.scan(retired, regions)
                 dead = {pid: model for pid, model in known.items() if pid not in alive}
-                reloaded = set()
-                for model in sorted(retry | set(dead.values())):
-                    if self.restore(model):
-                        reloaded.add(model)
-                retry = (retry | set(dead.values())) - reloaded
+                pending = retry | set(dead.values())
+                reloaded = {model for model in sorted(pending) if self.restore(model)}
+                retry = pending - reloaded
                 for pid in dead:
-                    for region in regions.pop(pid, []):  # the server maps it no more, or keeps its mapping
-                        region.unlink(missing_ok=True)
+                    _remove_regions(regions, pid)
                 now = time.monotonic()
                 retired.update({pid: now for pid, model in alive.items() if model in reloaded})
                 if dead:  # add the stubs the reloads started
