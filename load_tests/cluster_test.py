@@ -359,6 +359,12 @@ def run_phase(name: str, target: str, replicas: Sequence[Replica], victim: Repli
                        float(total.get("p99_ms", 0.0)), code, counts)
 
 
+def settled_counts(live: Sequence[Replica], since: Dict[str, float], requests: int) -> Dict[str, float]:
+    """Each live replica's count once ``requests`` more than ``since`` have landed in all of them."""
+    return metrics.settled(lambda: {r.name: r.read_count() or 0.0 for r in live},
+                           lambda counts: sum(counts[n] - since[n] for n in since) >= requests)
+
+
 def stream_stickiness(target: str, replicas: Sequence[Replica], requests: int = 12) -> Dict[str, Dict[str, float]]:
     """Per live replica: the requests of one gRPC stream, then of as many unary calls, on one balanced channel."""
     live = [r for r in replicas if r.alive]
@@ -387,10 +393,10 @@ def stream_stickiness(target: str, replicas: Sequence[Replica], requests: int = 
         errors = [a for a in answers if not hasattr(a, "as_numpy")]
         if len(answers) != requests or errors:
             raise RuntimeError(f"stream: {len(answers)} answers of {requests}, errors {errors[:2]}")
-        middle = {r.name: r.read_count() or 0.0 for r in live}
+        middle = settled_counts(live, before, requests)
         for _ in range(requests):
             client.infer(LOAD_PATH, [tensor], client_timeout=60)
-        after = {r.name: r.read_count() or 0.0 for r in live}
+        after = settled_counts(live, middle, requests)
     finally:
         client.close()
     return {"stream": {n: middle[n] - before[n] for n in before}, "unary": {n: after[n] - middle[n] for n in before}}

@@ -195,6 +195,15 @@ def test_launcher_refuses_a_port_in_use(repository, tmp_path):
             TritonServer(options).start()
 
 
+def test_free_ports_are_never_handed_out_twice(repository, tmp_path):
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    same = ServerOptions(model_repository=repository, grpc_port=ports[0], http_port=ports[0],
+                         metrics_port=ports[1], build_dir=tmp_path)
+    with pytest.raises(LaunchError, match="ports must differ"):
+        TritonServer(same).start()
+
+
 def test_launcher_refuses_a_repository_without_artifacts(tmp_path):
     options = ServerOptions(model_repository=tmp_path, grpc_port=free_port(), http_port=free_port(),
                             metrics_port=free_port(), build_dir=tmp_path)

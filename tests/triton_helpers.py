@@ -1,11 +1,12 @@
 """Raw tritonclient calls for the server tests (the SDK has its own tests)."""
 from __future__ import annotations
 
-import time
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
+from vocos_triton.launcher import metrics
 
 
 def make_inputs(inputs: Dict[str, np.ndarray], batch: bool = True) -> list:
@@ -39,16 +40,7 @@ def inference_counts(client: grpcclient.InferenceServerClient, model: str) -> Tu
 
 def settled_counts(client: grpcclient.InferenceServerClient, model: str, since: Optional[Tuple[int, int]] = None,
                    inferences: int = 0, timeout_s: float = 10.0) -> Tuple[int, int]:
-    """:func:`inference_counts` once ``inferences`` more than ``since`` have landed and the counts stay put
-    for 0.2 s (or after ``timeout_s``): a model's statistics land when its instance releases the requests,
-    which can come after the client (or the ensemble) has its answer."""
-    since = since or (0, 0)
-    deadline = time.monotonic() + timeout_s
-    counts = inference_counts(client, model)
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        latest = inference_counts(client, model)
-        if latest == counts and counts[0] - since[0] >= inferences:
-            break
-        counts = latest
-    return counts
+    """:func:`inference_counts` once ``inferences`` more than ``since`` have landed and the counts stay put."""
+    start = since or (0, 0)
+    return metrics.settled(lambda: inference_counts(client, model),
+                           lambda counts: counts[0] - start[0] >= inferences, timeout_s=timeout_s)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
-from typing import Dict, FrozenSet, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple, TypeVar
 
 #: a sample line: ``name{label="value",...} 12`` (labels optional; value may be NaN)
 _SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
 _LABEL = re.compile(r'(?P<key>[A-Za-z_][A-Za-z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
 
 Labels = FrozenSet[Tuple[str, str]]
+Reading = TypeVar("Reading")
 
 
 def scrape(url: str, timeout_s: float = 5.0) -> str:
@@ -50,3 +52,21 @@ def total(text: str, name: str, model: Optional[str] = None) -> float:
     """Sum of a counter over its label sets, or over one model's."""
     return sum(value for (sample, labels), value in parse(text).items()
                if sample == name and (model is None or ("model", model) in labels))
+
+
+def settled(read: Callable[[], Reading], enough: Callable[[Reading], bool], timeout_s: float = 10.0,
+            interval_s: float = 0.2) -> Reading:
+    """``read()`` once ``enough`` holds for it and two readings ``interval_s`` apart agree (or at ``timeout_s``).
+
+    tritonserver counts a request when the model instance releases it, which can come after the client
+    (or the ensemble) has its answer; with two instances per model a count often lands a moment late.
+    """
+    deadline = time.monotonic() + timeout_s
+    reading = read()
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        latest = read()
+        if latest == reading and enough(latest):
+            break
+        reading = latest
+    return reading

@@ -29,12 +29,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Dict, List, Optional, Sequence
+from typing import IO, Dict, List, Optional, Sequence, Set
 
 from ..contract import Access
 from ..paths import DEFAULT_BUILD_DIR, DEFAULT_REPOSITORY
@@ -169,11 +170,23 @@ def ensure_port_free(host: str, port: int, what: str) -> None:
             ) from exc
 
 
+_handed_out_ports: Set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free right now (for tests and throwaway servers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port that is free right now and that this process has not handed out before (for tests and
+    throwaway servers). The kernel may offer a port it just offered again; a server given the same port
+    for gRPC and HTTP refuses to start."""
+    with _handed_out_lock:
+        for _ in range(1000):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+            if port not in _handed_out_ports:
+                _handed_out_ports.add(port)
+                return port
+    raise OSError(f"no free port on {host} that this process has not handed out already")
 
 
 def random_weight_models(repository: Path) -> List[str]:
@@ -315,7 +328,10 @@ class TritonServer:
             raise LaunchError(f"unknown profile {o.profile!r}; expected one of {sorted(PROFILES)}")
         if not any(o.model_repository.glob("*/1/model.pt")):
             raise LaunchError(f"{o.model_repository}: no model.pt artifacts; build them first (make repository)")
-        for what, port in (("gRPC", o.grpc_port), ("HTTP", o.http_port), ("Metrics", o.metrics_port)):
+        ports = {"gRPC": o.grpc_port, "HTTP": o.http_port, "Metrics": o.metrics_port}
+        if len(set(ports.values())) < len(ports):
+            raise LaunchError(f"the gRPC, HTTP and metrics ports must differ; got {ports}")
+        for what, port in ports.items():
             ensure_port_free(o.host, port, what)
         self._stopped = False
         self.read_keys()
