@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from vocos_client import VocosClient
+from vocos_triton.launcher import metrics
 from vocos_triton.launcher.memory import stub_regions
 from vocos_triton.launcher.watchdog import python_stubs
 
@@ -79,10 +80,8 @@ def test_killed_stub_is_restored_and_client_retries_recover(triton, reference_me
     # (plain requests right after the kill fail when they reach the dead instance, unless the live one
     # took them all; the SDK's retries hide both)
     assert restored_after is not None and restored_after <= RESTORE_WITHIN_S, (restored_after, raw_statuses)
-    settle_by = time.monotonic() + 30  # the reload starts new instances, then ends the surviving old one
-    while len(stubs()) != 2 and time.monotonic() < settle_by:
-        time.sleep(0.2)
-    restored = stubs()
+    # the reload starts new instances, then ends the surviving old one
+    restored = metrics.settled(stubs, lambda pids: len(pids) == 2 and not set(stub_pids) & set(pids), timeout_s=30)
     assert len(restored) == 2 and not set(stub_pids) & set(restored), (stub_pids, restored)
     assert triton.watchdog is not None and [m for m, _ in triton.watchdog.restarts] == ["vocos_mel"]
     assert not region.exists()  # the killed stub's shared memory is removed, not leaked
