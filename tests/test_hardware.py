@@ -129,16 +129,18 @@ def test_vocoder_stubs_measure_and_log_their_kernel_in_the_runtime(triton):
             by_model.setdefault(model, []).append(choice)
     assert set(by_model) == {"vocos_mel", "vocos_encodec", "vocos_mel_stream", "decode_codes_stream"}, by_model
     for model, choices in by_model.items():
-        # each load of the model: its first instance measures, a second one takes that choice
-        assert choices[0].how == "measured", (model, choices)
-        assert {c.how for c in choices} <= {"measured", "shared"}
+        assert {c.how for c in choices} <= {"measured", "shared"}, (model, choices)
         for choice in choices:
             assert choice.kernel in LINEAR_KERNELS
             assert set(choice.seconds) == set(LINEAR_KERNELS) and all(s > 0 for s in choice.seconds.values())
             assert choice.torch == triton.runtime.torch_version
-    for model in ("vocos_mel", "vocos_encodec"):  # two instances: one measured, the other shared its choice
-        assert [c.how for c in by_model[model][:2]] == ["measured", "shared"], by_model[model]
-        assert by_model[model][1].kernel == by_model[model][0].kernel
+        # each load of the model: its first instance measures, a second one takes that choice. The two
+        # stubs' log lines can land in either order, so a shared choice is matched by its measured times.
+        measured = [(c.kernel, c.seconds) for c in choices if c.how == "measured"]
+        shared = [(c.kernel, c.seconds) for c in choices if c.how == "shared"]
+        assert measured and all(choice in measured for choice in shared), (model, choices)
+        two_instances = model in ("vocos_mel", "vocos_encodec")  # the streaming models run one
+        assert (len(shared) > 0) == two_instances, (model, choices)
 
 
 def test_kernel_is_measured_once_per_model_and_server(tmp_path):
