@@ -57,7 +57,7 @@ endif
 # read by vocos_triton.launcher.server (and so by the tests, the bench and the load test)
 export VOCOS_RUNTIME_PYTHON := $(RUNTIME_PYTHON)
 
-.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test cluster-test bench bench-stream gpu-check overload clean
+.PHONY: install runtime system-deps repository serve test lint check-contract profiles load-test cluster-test bench bench-stream gpu-check overload guard-overhead clean
 
 install: $(INSTALLED)
 
@@ -141,8 +141,10 @@ bench-stream: install runtime system-deps
 gpu-check: install system-deps
 	$(PY) load_tests/gpu_check.py --out results/gpu-check $(GPU_CHECK_ARGS)
 
-# Shedding under overload: capacity at 1x, open-loop 3x for OVERLOAD_SECONDS with 2 s deadlines, then a
-# burst of 200 x 60 s requests with 5 s deadlines; prints goodput, refusal latency, recovery, PSS.
+# Shedding under overload: idle PSS, capacity at 1x, open-loop 3x for OVERLOAD_SECONDS with 2 s deadlines,
+# ten bursts of 200 x 60 s requests with 5 s deadlines from plain tritonclient (tritonserver restarts,
+# recovery, PSS), a stub killed under load (failed calls, p99), stop under load; server and load
+# generator pinned to separate CPUs.
 OVERLOAD_SECONDS ?= 60
 OVERLOAD_ARGS ?=
 overload: install runtime system-deps
@@ -150,5 +152,10 @@ overload: install runtime system-deps
 	$(PY) load_tests/overload.py --repository $(REPOSITORY) --profile $(PROFILE) --seconds $(OVERLOAD_SECONDS) \
 	  --out results/overload $(OVERLOAD_ARGS)
 
+# What the gRPC guard costs: the same calls through it and straight to tritonserver, side by side.
+guard-overhead: install runtime system-deps
+	@ls $(REPOSITORY)/*/1/model.pt >/dev/null 2>&1 || $(MAKE) repository
+	$(PY) load_tests/guard_overhead.py --repository $(REPOSITORY) --out results/guard
+
 clean:
-	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/codebooks.npy $(REPOSITORY)/*/1/provenance.json
+	rm -rf build results $(REPOSITORY)/*/1/model.pt $(REPOSITORY)/*/1/codebooks.npy $(REPOSITORY)/*/1/melbank.npz $(REPOSITORY)/*/1/provenance.json

@@ -108,6 +108,10 @@ class Replica:
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        guard = self.server.guard  # the gRPC guard in front of it dies with the pod too
+        if guard is not None and guard.process is not None and guard.process.poll() is None:
+            guard.process.kill()
+            guard.process.wait()
         # stopping a dead server removes the /dev/shm regions its SIGKILLed stubs left (a pod's go with it)
         self.server.stop()
 

@@ -8,10 +8,21 @@ Starts its own tritonserver on free loopback ports (unless ``--url`` names a run
    ``--deadline`` s deadline and no retries (so every refusal is seen as the server gave it). Prints the
    throughput completed within the deadline against the capacity (target >= 80 %) and the p95 time
    the server took to refuse a request it had no room for (target <= 50 ms).
-3. **Burst**: ``--burst`` concurrent ``--burst-clip-seconds`` clips with ``--burst-deadline`` s deadlines;
-   once the deadlines have passed, one more clip is timed (target <= 1 s), and the server's
-   PSS (tritonserver + stubs) is sampled until it is back within 200 MB of its pre-burst level
-   (target <= 30 s).
+3. **Bursts**: ``--bursts`` times ``--burst`` concurrent ``--burst-clip-seconds`` clips with
+   ``--burst-deadline`` s deadlines, sent by plain tritonclient (a gRPC deadline only: each call whose
+   deadline passes is a cancellation, which tritonserver 2.51 can crash on; the guard keeps them from it).
+   Counts tritonserver restarts (target 0); after each burst's deadlines one more clip is timed (target
+   <= 1 s), and after the first, the server's PSS (tritonserver + stubs + guard) is sampled until it is
+   back within 200 MB of its pre-burst level (target <= 30 s).
+4. **Stub kill** (a server it started): a closed loop of plain calls (no retries) while one stub of
+   ``vocos_mel`` is SIGKILLed; the share of failed calls (target <= 1 %) and the p99 latency from the kill
+   until the watchdog's repair (target <= 1 s).
+5. **Stop** under that load, after the repair (target <= 5 s), and the idle PSS measured at the start
+   (target <= 1.5 GB).
+
+Where the machine has two CPUs or more, the server (its processes inherit it) runs on all CPUs but the
+last and the load generator on the last (``--no-pin`` turns it off): a generator on the server's cores
+measures itself.
 
 Each call is one attempt made the way the SDK makes it (the deadline as gRPC deadline and as Triton's
 request timeout, the SDK's error mapping) from tensors serialized once, so that the client takes as
@@ -20,15 +31,17 @@ numbers depend on the CPU and on what else runs on it: the script prints the CPU
 
     python load_tests/overload.py [--repository model_repository] [--profile cpu] [--seconds 60]
         [--load 3] [--deadline 2] [--burst 200] [--burst-clip-seconds 60] [--burst-deadline 5]
-        [--out results/overload] [--url HOST:PORT --server-pid PID]
+        [--bursts 10] [--out results/overload] [--url HOST:PORT --server-pid PID] [--no-pin]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
+import signal
 import sys
 import threading
 import time
@@ -44,8 +57,9 @@ from vocos_client import DeadlineExceededError, ServerBusyError, VocosError
 from vocos_client._common import request_timeout_us
 from vocos_client._errors import from_triton
 from vocos_triton.contract import SAMPLE_RATE, Model, Tensor
-from vocos_triton.launcher.memory import process_tree_pss
+from vocos_triton.launcher.memory import process_tree, process_tree_pss
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
+from vocos_triton.launcher.watchdog import python_stubs
 from vocos_triton.speech import speech_clip
 
 MODEL = Model.RESYNTHESIZE_MEL  # audio in: the SDK sends it here without a bandwidth
@@ -65,6 +79,11 @@ class Report:
     capacity_rps: float = 0.0
     open_loop: Dict[str, float] = field(default_factory=dict)
     burst: Dict[str, float] = field(default_factory=dict)
+    bursts: List[Dict[str, float]] = field(default_factory=list)
+    pinning: str = ""
+    idle_pss_mb: float = float("nan")
+    stub_kill: Dict[str, float] = field(default_factory=dict)
+    stop_s: float = float("nan")
 
 
 def cpu_model() -> str:
@@ -104,6 +123,18 @@ async def call(client: aioclient.InferenceServerClient, inputs: list, deadline: 
         return Outcome(start, time.monotonic() - start, "deadline", exc.message[:120])
     except VocosError as exc:
         return Outcome(start, time.monotonic() - start, "error", f"{type(exc).__name__}: {exc.message[:120]}")
+
+
+async def plain_call(client: aioclient.InferenceServerClient, inputs: list, deadline: float) -> Outcome:
+    """One call as plain tritonclient makes it: a gRPC deadline and nothing else (no Triton timeout)."""
+    start = time.monotonic()
+    try:
+        await client.infer(MODEL, inputs, client_timeout=deadline)
+        elapsed = time.monotonic() - start
+        return Outcome(start, elapsed, "ok" if elapsed <= deadline else "late")
+    except InferenceServerException as exc:
+        kind = {"StatusCode.DEADLINE_EXCEEDED": "deadline", "StatusCode.UNAVAILABLE": "busy"}.get(exc.status(), "error")
+        return Outcome(start, time.monotonic() - start, kind, f"{exc.status()}: {exc.message()}"[:160])
 
 
 async def capacity(client: aioclient.InferenceServerClient, audio: list, seconds: float, concurrency: int) -> float:
@@ -154,15 +185,15 @@ def summarize_open_loop(outcomes: List[Outcome], seconds: float, capacity_rps: f
 class PssSampler(threading.Thread):
     """PSS of the server's process tree every ``interval_s``: (monotonic time, MB)."""
 
-    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+    def __init__(self, pids: Sequence[int], interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.pid, self.interval_s = pid, interval_s
+        self.pids, self.interval_s = list(pids), interval_s
         self.samples: List[tuple] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
-            self.samples.append((time.monotonic(), float(process_tree_pss(self.pid)["total_mb"])))
+            self.samples.append((time.monotonic(), server_pss_mb(self.pids)))
             self._halt.wait(self.interval_s)
 
     def stop(self) -> None:
@@ -170,11 +201,17 @@ class PssSampler(threading.Thread):
         self.join()
 
 
-async def burst(client: aioclient.InferenceServerClient, pid: Optional[int], n: int, clip_seconds: float,
+def server_pss_mb(pids: Sequence[int]) -> float:
+    """PSS of the server: tritonserver's process tree and the guard's."""
+    return float(sum(process_tree_pss(pid)["total_mb"] for pid in pids))
+
+
+async def burst(client: aioclient.InferenceServerClient, pids: Sequence[int], n: int, clip_seconds: float,
                 deadline: float, probe: list, settle_s: float) -> Dict[str, float]:
     long_audio = request_inputs(speech_clip(int(clip_seconds * SAMPLE_RATE), seed=3))
-    sampler = PssSampler(pid) if pid else None
-    before = float(process_tree_pss(pid)["total_mb"]) if pid else float("nan")
+    pid = pids[0] if pids else None
+    sampler = PssSampler(pids) if pid and settle_s > 0 else None
+    before = server_pss_mb(pids) if pid else float("nan")
     if sampler:
         sampler.start()
     start = time.monotonic()
@@ -186,7 +223,7 @@ async def burst(client: aioclient.InferenceServerClient, pid: Optional[int], n: 
         return await call(client, probe, 60.0)
 
     probing = asyncio.ensure_future(probe_after_the_deadlines())
-    outcomes = await asyncio.gather(*(call(client, long_audio, deadline) for _ in range(n)))
+    outcomes = await asyncio.gather(*(plain_call(client, long_audio, deadline) for _ in range(n)))
     returned = time.monotonic()
     first = await probing
     result = {"n": float(n), "clip_seconds": clip_seconds, "deadline_s": deadline,
@@ -196,61 +233,133 @@ async def burst(client: aioclient.InferenceServerClient, pid: Optional[int], n: 
               "n_error": float(sum(o.kind in ("error", "late") for o in outcomes)),
               "all_returned_after_s": returned - start,
               "first_request_after_s": first.seconds if first.kind == "ok" else float("nan"),
+              "first_request_outcome": f"{first.kind} {first.message}".strip(),
               "pss_before_mb": before}
     if sampler:
         settle_until = time.monotonic() + settle_s
         back_at = None
         while time.monotonic() < settle_until:
-            now_mb = float(process_tree_pss(pid)["total_mb"])
+            now_mb = server_pss_mb(pids)
             if now_mb <= before + 200 and back_at is None:
                 back_at = time.monotonic()
                 break
             await asyncio.sleep(0.5)
         sampler.stop()
         result["pss_peak_mb"] = max(mb for _, mb in sampler.samples)
-        result["pss_after_mb"] = float(process_tree_pss(pid)["total_mb"])
+        result["pss_after_mb"] = server_pss_mb(pids)
         result["pss_back_within_200mb_after_s"] = (back_at - returned) if back_at else float("nan")
     return result
 
 
-async def scenario(args: argparse.Namespace, url: str, pid: Optional[int]) -> Report:
-    report = Report(cpu=cpu_model())
+def pin(pids: Sequence[int], cpus: Sequence[int]) -> None:
+    """Every thread of ``pids`` (and their descendants) onto ``cpus``."""
+    for pid in {p for root in pids for p in process_tree(root)}:
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), set(cpus))
+        except OSError:  # exited meanwhile
+            continue
+
+
+def split_cpus(enabled: bool) -> Optional[tuple]:
+    """(server CPUs, load generator CPUs): the last CPU for the generator, the rest for the server; None
+    on one CPU or when pinning is off."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled or len(cpus) < 2:
+        return None
+    return cpus[:-1], cpus[-1:]
+
+
+async def stub_kill(client: aioclient.InferenceServerClient, server: TritonServer, clip: list,
+                    concurrency: int, seconds: float) -> Dict[str, float]:
+    """Plain calls (no retries) from ``concurrency`` callers while a stub of vocos_mel is SIGKILLed."""
+    outcomes: List[Outcome] = []
+    stop_at = time.monotonic() + seconds
+
+    async def caller() -> None:
+        while time.monotonic() < stop_at:
+            outcomes.append(await plain_call(client, clip, 30.0))
+
+    callers = asyncio.gather(*(caller() for _ in range(concurrency)))
+    await asyncio.sleep(seconds / 3)
+    victim = min(pid for pid, model in python_stubs(server.process.pid).items() if model == Model.VOCOS_MEL)
+    repairs = len(server.watchdog.restarts) if server.watchdog else 0
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    while server.watchdog is not None and len(server.watchdog.restarts) == repairs and time.monotonic() < stop_at:
+        await asyncio.sleep(0.05)
+    repaired_at = time.monotonic()
+    await callers
+    during = [o.seconds for o in outcomes if killed_at - o.seconds <= o.sent_at <= repaired_at]
+    failed = [o for o in outcomes if o.kind != "ok"]
+    return {"calls": float(len(outcomes)), "failed": float(len(failed)),
+            "failed_share": len(failed) / max(1, len(outcomes)), "repair_s": repaired_at - killed_at,
+            "p99_during_repair_ms": percentile(during, 99) * 1000,
+            "first_failures": [o.message for o in failed[:3]]}
+
+
+async def scenario(args: argparse.Namespace, url: str, pids: Sequence[int], report: Report,
+                   server: Optional[TritonServer]) -> None:
     clip = request_inputs(speech_clip(int(args.clip_seconds * SAMPLE_RATE), seed=1))
     client = aioclient.InferenceServerClient(url)
     try:
         await call(client, clip, 120.0)  # warm-up
-        report.capacity_rps = await capacity(client, clip, args.capacity_seconds, args.concurrency)
-        print(f"capacity (1x, closed loop of {args.concurrency}, {args.clip_seconds:g} s clips): "
-              f"{report.capacity_rps:.1f} requests/s", flush=True)
-        rate = args.load * report.capacity_rps
-        outcomes = await open_loop(client, clip, rate, args.seconds, args.deadline)
-        report.open_loop = summarize_open_loop(outcomes, args.seconds, report.capacity_rps, rate)
-        o = report.open_loop
-        print(f"open loop {args.load:g}x ({rate:.1f}/s for {args.seconds:g} s, {args.deadline:g} s deadlines): "
-              f"goodput {o['goodput_rps']:.1f}/s = {100 * o['goodput_vs_capacity']:.0f} % of capacity "
-              "(target >= 80 %); "
-              f"refused {o['n_busy']:.0f} in p50 {o['refused_p50_ms']:.1f} / p95 {o['refused_p95_ms']:.1f} ms "
-              f"(target <= 50 ms); deadline exceeded {o['n_deadline']:.0f}, late {o['n_late']:.0f}, "
-              f"errors {o['n_error']:.0f} of {o['sent']:.0f}", flush=True)
-        errors = [x.message for x in outcomes if x.kind == "error"][:3]
-        if errors:
-            print(f"  first errors: {errors}", flush=True)
-        if args.burst > 0:
+        if args.capacity_seconds > 0:
+            report.capacity_rps = await capacity(client, clip, args.capacity_seconds, args.concurrency)
+            print(f"capacity (1x, closed loop of {args.concurrency}, {args.clip_seconds:g} s clips): "
+                  f"{report.capacity_rps:.1f} requests/s", flush=True)
+        if args.seconds > 0 and report.capacity_rps > 0:
+            rate = args.load * report.capacity_rps
+            outcomes = await open_loop(client, clip, rate, args.seconds, args.deadline)
+            report.open_loop = o = summarize_open_loop(outcomes, args.seconds, report.capacity_rps, rate)
+            print(f"open loop {args.load:g}x ({rate:.1f}/s for {args.seconds:g} s, {args.deadline:g} s deadlines): "
+                  f"goodput {o['goodput_rps']:.1f}/s = {100 * o['goodput_vs_capacity']:.0f} % of capacity "
+                  "(target >= 80 %); "
+                  f"refused {o['n_busy']:.0f} in p50 {o['refused_p50_ms']:.1f} / p95 {o['refused_p95_ms']:.1f} ms "
+                  f"(target <= 50 ms); deadline exceeded {o['n_deadline']:.0f}, late {o['n_late']:.0f}, "
+                  f"errors {o['n_error']:.0f} of {o['sent']:.0f}", flush=True)
+            errors = [x.message for x in outcomes if x.kind == "error"][:3]
+            if errors:
+                print(f"  first errors: {errors}", flush=True)
             await asyncio.sleep(2.0)  # let the open loop's last requests drain
-            report.burst = b = await burst(client, pid, args.burst, args.burst_clip_seconds, args.burst_deadline, clip,
-                                           args.settle_seconds)
-            print(f"burst {args.burst} x {args.burst_clip_seconds:g} s, {args.burst_deadline:g} s deadlines: "
-                  f"ok {b['n_ok']:.0f}, busy {b['n_busy']:.0f}, deadline {b['n_deadline']:.0f}, "
-                  f"errors {b['n_error']:.0f}; all returned after {b['all_returned_after_s']:.1f} s; "
-                  f"next {args.clip_seconds:g} s clip answered in {b['first_request_after_s']:.2f} s (target <= 1 s)",
-                  flush=True)
+        tritonserver_pid = server.process.pid if server else None
+        for index in range(args.bursts if args.burst > 0 else 0):
+            b = await burst(client, pids, args.burst, args.burst_clip_seconds, args.burst_deadline, clip,
+                            args.settle_seconds if index == 0 else 0.0)
+            b["tritonserver_restarts"] = float(server.supervisor.crashes) if server and server.supervisor \
+                else float("nan")
+            b["same_tritonserver"] = float(server is not None and server.process is not None
+                                           and server.process.pid == tritonserver_pid)
+            report.bursts.append(b)
+            print(f"burst {index + 1}/{args.bursts}: {args.burst} x {args.burst_clip_seconds:g} s, "
+                  f"{args.burst_deadline:g} s deadlines (plain tritonclient): ok {b['n_ok']:.0f}, "
+                  f"busy {b['n_busy']:.0f}, deadline {b['n_deadline']:.0f}, errors {b['n_error']:.0f}; "
+                  f"all returned after {b['all_returned_after_s']:.1f} s; next {args.clip_seconds:g} s clip "
+                  f"answered in {b['first_request_after_s']:.2f} s (target <= 1 s"
+                  f"{'' if b['first_request_outcome'] == 'ok' else ': ' + b['first_request_outcome']}); "
+                  "tritonserver restarts so far "
+                  f"{b['tritonserver_restarts']:.0f} (target 0)", flush=True)
             if "pss_peak_mb" in b:
                 print(f"  server PSS: {b['pss_before_mb']:.0f} MB before, peak {b['pss_peak_mb']:.0f} MB, "
                       f"back within 200 MB after {b['pss_back_within_200mb_after_s']:.1f} s (target <= 30 s)",
                       flush=True)
+        report.burst = report.bursts[0] if report.bursts else {}
+        if server is not None and args.kill_seconds > 0:
+            report.stub_kill = k = await stub_kill(client, server, clip, args.concurrency, args.kill_seconds)
+            print(f"stub kill: {k['failed']:.0f} of {k['calls']:.0f} plain calls failed "
+                  f"({100 * k['failed_share']:.2f} %, target <= 1 %); repaired after {k['repair_s']:.1f} s; "
+                  f"p99 latency from the kill to the repair {k['p99_during_repair_ms']:.0f} ms (target <= 1000 ms)",
+                  flush=True)
+            if server is not None:  # stop after the repair, under load (target <= 5 s)
+                loading = asyncio.ensure_future(capacity(client, clip, 30.0, args.concurrency))
+                await asyncio.sleep(2.0)
+                started = time.monotonic()
+                await asyncio.get_running_loop().run_in_executor(None, server.stop)
+                report.stop_s = time.monotonic() - started
+                print(f"stop under load after the repair: {report.stop_s:.1f} s (target <= 5 s)", flush=True)
+                loading.cancel()
     finally:
         await client.close()
-    return report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -258,7 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--url", help="a running server's gRPC HOST:PORT (default: start one)")
-    parser.add_argument("--server-pid", type=int, help="its tritonserver pid, for PSS (with --url)")
+    parser.add_argument("--server-pid", type=int, nargs="*", default=[],
+                        help="its tritonserver pid (and its guard's), for PSS and pinning (with --url)")
     parser.add_argument("--clip-seconds", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop callers for the capacity")
     parser.add_argument("--capacity-seconds", type=float, default=15.0)
@@ -266,24 +376,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="open-loop duration")
     parser.add_argument("--deadline", type=float, default=2.0)
     parser.add_argument("--burst", type=int, default=200)
+    parser.add_argument("--bursts", type=int, default=10, help="how many bursts, one after another")
     parser.add_argument("--burst-clip-seconds", type=float, default=60.0)
     parser.add_argument("--burst-deadline", type=float, default=5.0)
     parser.add_argument("--settle-seconds", type=float, default=30.0, help="how long to wait for PSS to come back")
+    parser.add_argument("--kill-seconds", type=float, default=30.0,
+                        help="length of the stub-kill phase (0: skip it and the stop)")
+    parser.add_argument("--no-pin", action="store_true", help="leave the server and the generator unpinned")
     parser.add_argument("--out", type=Path, default=Path("results/overload"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_model()}", flush=True)
+    report = Report(cpu=cpu_model())
+    print(f"CPU: {report.cpu}", flush=True)
+    split = split_cpus(not args.no_pin)
     server = None
     try:
+        if split:
+            os.sched_setaffinity(0, set(split[0]))  # the server started below inherits the server CPUs
         if args.url:
-            url, pid = args.url, args.server_pid
+            url, pids = args.url, list(args.server_pid)
+            if split and pids:
+                pin(pids, split[0])
         else:
             options = ServerOptions(model_repository=args.repository.resolve(), grpc_port=free_port(),
                                     http_port=free_port(), metrics_port=free_port(), profile=args.profile,
                                     build_dir=args.out / "triton")
             server = TritonServer(options, log_file=args.out / "tritonserver.log").start()
-            url, pid = server.grpc_url, server.process.pid
-        report = asyncio.run(scenario(args, url, pid))
+            url = server.grpc_url
+            pids = [server.process.pid] + ([server.guard.process.pid] if server.guard else [])
+        if split:
+            os.sched_setaffinity(0, set(split[1]))
+            report.pinning = (f"server on CPU {','.join(map(str, split[0]))}" +
+                              ("" if not args.url or pids else " (not pinned: no --server-pid)") +
+                              f", load generator on CPU {','.join(map(str, split[1]))}")
+        else:
+            report.pinning = "not pinned (one CPU, or --no-pin): the load generator shares the server's CPUs"
+        print(f"pinning: {report.pinning}", flush=True)
+        if pids:
+            time.sleep(5.0)  # the stubs give back their warm-up memory after 5 s idle
+            report.idle_pss_mb = server_pss_mb(pids)
+            print(f"idle PSS (tritonserver, stubs, guard): {report.idle_pss_mb:.0f} MB (target <= 1500 MB)",
+                  flush=True)
+        asyncio.run(scenario(args, url, pids, report, server))
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -186,7 +186,8 @@ def test_autoscaler_scales_the_deployment_on_the_adapters_queue_metric(rendered)
 
 def test_dockerfile_runs_the_launcher_on_the_matching_server():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert "ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3" in text  # tritonserver 2.51, as the wheel
+    # tritonserver 2.59: the gRPC cancellation fixes (2.53, 2.57) that the wheel's 2.51 lacks
+    assert "ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.06-py3" in text
     entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)[1])
     assert entrypoint[1:] == ["-m", "vocos_triton.launcher.server"]
     command = json.loads(re.search(r"^CMD (\[.*?\])$", text.replace("\\\n", ""), re.M | re.S)[1])

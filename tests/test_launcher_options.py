@@ -43,7 +43,9 @@ def test_installed_tritonserver_command_line(tmp_path, monkeypatch):
     assert all((backend_dir / "python" / p.name).resolve() == p for p in (root / "backends" / "python").iterdir())
     assert [a for a in command if a.startswith("--metrics-config=")] == [
         f"--metrics-config={s}" for s in DEFAULT_METRICS_CONFIG]
-    assert "--grpc-address=0.0.0.0" in command and "--model-control-mode=explicit" in command
+    # gRPC is public through the guard; tritonserver's own gRPC listens on loopback behind it
+    assert "--grpc-address=127.0.0.1" in command and "--http-address=0.0.0.0" in command
+    assert "--model-control-mode=explicit" in command
     runtime = Runtime(python=tmp_path / "venv" / "bin" / "python", python_version="3.10", torch_version="2.11.0",
                       cuda=None, prefix=tmp_path / "venv")
     env = server.environment(distribution, runtime)

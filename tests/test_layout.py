@@ -23,17 +23,39 @@ def test_every_model_py_imports_the_serving_package():
     assert STUB_MODULES and all(name.startswith("vocos_triton.serving.") for name in STUB_MODULES), STUB_MODULES
 
 
-@pytest.mark.parametrize("module", STUB_MODULES)
-def test_serving_stubs_import_neither_export_code_nor_reference_packages(module):
+#: the models whose stub runs numpy on a CPU instance and must not pay for a torch import (~130 MB each)
+TORCH_FREE_MODELS = (contract.Model.ENCODEC_EMBEDDING, contract.Model.MEL_FEATURES)
+
+
+def stub_module(model: str) -> str:
+    source = (ROOT / "model_repository" / model / "1" / "model.py").read_text()
+    (module,) = [line.split()[1] for line in source.splitlines() if line.startswith("from vocos_triton")]
+    return module
+
+
+def loaded_modules(module: str) -> list:
     """In the serving runtime, as a stub would: import the module, then list what got loaded."""
     probe = (f"import importlib, json, sys; importlib.import_module({module!r}); "
              "print(json.dumps(sorted(sys.modules)))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([str(default_runtime_python()), "-c", probe], capture_output=True, text=True, env=env,
                             timeout=120, check=True)
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", STUB_MODULES)
+def test_serving_stubs_import_neither_export_code_nor_reference_packages(module):
+    loaded = loaded_modules(module)
     bad = [name for name in loaded if any(name == f or name.startswith(f + ".") for f in FORBIDDEN)]
     assert not bad, f"{module} loads {bad}"
+
+
+@pytest.mark.parametrize("model", TORCH_FREE_MODELS)
+def test_numpy_stubs_import_no_torch(model):
+    module = stub_module(model)
+    assert module in STUB_MODULES
+    torch_modules = [name for name in loaded_modules(module) if name == "torch" or name.startswith("torch.")]
+    assert not torch_modules, f"{model}: {module} imports torch ({len(torch_modules)} modules)"
 
 
 def _contract_names() -> set:

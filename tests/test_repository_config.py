@@ -59,8 +59,9 @@ def test_python_models_batch_raggedly_and_delegate_to_the_package(name):
         assert t.allow_ragged_batch == (-1 in t.dims), f"{name}.{t.name}: ragged iff variable length"
     source = (REPOSITORY / name / "1" / "model.py").read_text()
     imports = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)]
-    # the numpy embedding has its own torch-free module; the others share serving.models
-    module = "vocos_triton.serving.embedding" if name == "encodec_embedding" else "vocos_triton.serving.models"
+    # the numpy models have their own torch-free modules; the others share serving.models
+    module = {"encodec_embedding": "vocos_triton.serving.embedding",
+              "mel_features": "vocos_triton.serving.frontend"}.get(name, "vocos_triton.serving.models")
     assert len(imports) == 1 and imports[0].module == module, "model.py stays thin"
     (alias,) = imports[0].names
     assert alias.asname == "TritonPythonModel" and hasattr(importlib.import_module(module), alias.name)
@@ -101,8 +102,12 @@ def test_gpu_profiles_are_rendered_from_the_cpu_configs():
     for path, text in profiles.render_all(REPOSITORY).items():
         assert path.read_text() == text, f"{path} is stale: run python -m vocos_triton.launcher.profiles"
         gpu = profiles.load_config(path)
-        assert [g.kind for g in gpu.instance_group] == [profiles.mc.ModelInstanceGroup.Kind.KIND_GPU]
         cpu = CONFIGS[path.parent.parent.name]
+        assert [g.kind for g in gpu.instance_group] == [profiles.mc.ModelInstanceGroup.Kind.KIND_GPU] * len(
+            cpu.instance_group)
+        # the groups keep their identities (name, host_policy): the watchdog replaces one instance by them
+        assert [(g.name, g.host_policy, g.count) for g in gpu.instance_group] == [
+            (g.name, g.host_policy, g.count) for g in cpu.instance_group]
         gpu.ClearField("instance_group")
         cpu_without_groups = type(cpu)()
         cpu_without_groups.CopyFrom(cpu)

@@ -77,6 +77,11 @@ class Access:
         return cls.GRPC_HEADER_PREFIX + key
 
 
+#: A request parameter (INT64, ns since the epoch) with the time after which nobody waits for the answer:
+#: the gRPC guard (vocos_triton.launcher.guard) turns a client's deadline into it, and the models skip a
+#: request whose deadline has passed instead of computing it (ensembles pass it on to their steps).
+DEADLINE_PARAMETER = "vocos_deadline_ns"
+
 #: The entry points a client calls, by input kind (``audio_mel``: audio without a bandwidth).
 ENTRY_MODELS = {
     "mel": Model.VOCOS_MEL,

@@ -1,11 +1,12 @@
 """Build the model repository: checkpoints -> verified artifacts + provenance.
 
 For every Python-backend model of the contract this writes ``<repo>/<model>/1/model.pt`` (TorchScript;
-``codebooks.npy`` for ``encodec_embedding``, which runs in numpy, see :mod:`vocos_triton.serving.codebooks`)
-and ``<repo>/<model>/1/provenance.json``. Before writing, each module is checked twice on a ragged
-batch of probe lengths: the eager module against the reference packages (``vocos`` / ``encodec``),
-and the TorchScript module against the eager one; the codebook table against the reference alone.
-An artifact that disagrees is not written.
+``codebooks.npy`` for ``encodec_embedding``, which runs in numpy, see :mod:`vocos_triton.serving.codebooks`;
+``mel_features`` also gets ``melbank.npz``, its numpy front end for CPU instances, see
+:mod:`vocos_triton.serving.melbank`) and ``<repo>/<model>/1/provenance.json``. Before writing, each
+module is checked twice on a ragged batch of probe lengths: the eager module against the reference
+packages (``vocos`` / ``encodec``), and the TorchScript module against the eager one; the codebook table
+and the numpy mel front end against the reference alone. An artifact that disagrees is not written.
 
 Command line (``make repository``)::
 
@@ -35,7 +36,9 @@ from ..modules.features import MelFeatures
 from ..modules.streaming import StreamingVocos, decode_in_chunks
 from ..modules.vocoder import KERNEL_METHODS, BatchedVocos
 from ..paths import DEFAULT_REPOSITORY, template_repository
+from ..serving import dfti
 from ..serving.codebooks import TABLE_FILE, CodebookTable
+from ..serving.melbank import MELBANK_FILE, MelBank
 from ..serving.torchscript import ARTIFACT  # the file the serving models load
 from . import checkpoints as ck
 from .half import halve_vocoder
@@ -48,6 +51,7 @@ log = logging.getLogger("vocos_triton.build.export")
 PROVENANCE = "provenance.json"
 REFERENCE_TOLERANCE = 1e-4  # eager module vs the reference packages, per item
 SCRIPT_TOLERANCE = 1e-5  # TorchScript artifact vs the eager module
+MELBANK_TOLERANCE = 1e-5  # the numpy mel front end vs the reference: the same FFT, float32 matmul and log
 PROBE_SAMPLES = (513, 7_777, 24_000, 50_001)  # minimum mel length, odd lengths, 1 s, ~2 s
 PRECISIONS = ("fp32", "int8", "fp16")
 INT8_MIN_SNR_DB = 25.0  # a floor below what the opt-in int8 vocoders measure (docs/performance.md)
@@ -138,6 +142,38 @@ class TableArtifact(Artifact):
         return path, {"max_abs_error_vs_reference": error, "probe_items": len(self.probe.expected)}
 
 
+@dataclass
+class MelFeaturesArtifact(ModuleArtifact):
+    """``mel_features``: the TorchScript :class:`MelFeatures` (``model.pt``, for GPU instances) and the numpy
+    front end's window, filterbank and geometry taken from the same buffers (``melbank.npz``, for CPU
+    instances), each checked against the reference before anything is written. Without MKL here the
+    numpy front end cannot be checked (see :mod:`vocos_triton.serving.dfti`): only ``model.pt`` is written,
+    and CPU instances serve it."""
+
+    def save_verified(self, version_dir: Path, freeze: bool) -> Tuple[Path, Dict[str, object]]:
+        features = self.module
+        try:
+            bank = MelBank(features.window.cpu().numpy(), features.filterbank.cpu().numpy(), features.n_fft,
+                           features.hop_length, features.win_length)
+        except dfti.FftUnavailable as exc:
+            log.warning("%s: no %s (CPU instances will serve model.pt with torch): %s", self.name, MELBANK_FILE, exc)
+            bank, numpy_parity = None, {"skipped": str(exc)}
+        else:
+            padded, lengths = self.probe.inputs
+            mels = bank([a[: int(n)].numpy() for a, n in zip(padded, lengths)])
+            error = max(float(np.abs(m - e.numpy()).max()) for m, e in zip(mels, self.probe.expected))
+            if error > MELBANK_TOLERANCE:
+                raise ParityError(f"{self.name}: the numpy front end differs from the reference by {error:.3g}")
+        path, parity = super().save_verified(version_dir, freeze)
+        if bank is not None:
+            numpy_path = version_dir / MELBANK_FILE
+            bank.save(numpy_path)
+            numpy_parity = {"file": numpy_path.name, "bytes": numpy_path.stat().st_size,
+                            "sha256": ck.sha256_of(numpy_path), "fft": dfti.version(),
+                            "max_abs_error_vs_reference": error}
+        return path, {**parity, "numpy": numpy_parity}
+
+
 #: chunk sizes the streaming export cycles through: single frames, odd sizes, and pieces longer than the
 #: receptive field
 STREAM_PROBE_CHUNKS = (1, 7, 2, 40, 1, 13, 64, 3)
@@ -208,8 +244,8 @@ def mel_artifacts(mel: ck.VocosCheckpoint, audio: List[torch.Tensor]) -> List[Ar
     frames = torch.tensor([m.shape[-1] for m in mels])
     waves = [reference.decode(m[None])[0] for m in mels]
     return [
-        ModuleArtifact(Model.MEL_FEATURES, Probe((pad_batch(audio), lengths), mels), sources,
-                       module=MelFeatures(reference.feature_extractor)),
+        MelFeaturesArtifact(Model.MEL_FEATURES, Probe((pad_batch(audio), lengths), mels), sources,
+                            module=MelFeatures(reference.feature_extractor)),
         ModuleArtifact(Model.VOCOS_MEL, Probe((pad_batch(mels), frames, torch.zeros_like(frames)), waves), sources,
                        module=BatchedVocos(reference)),
         StreamingArtifact(Model.VOCOS_MEL_STREAM, Probe(tuple(mels), waves), sources,
@@ -291,7 +327,7 @@ def copy_template(output: Path, template: Optional[Path] = None) -> None:
     if output.resolve() == template.resolve():
         return
     shutil.copytree(template, output, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(ARTIFACT, TABLE_FILE, PROVENANCE, "__pycache__"))
+                    ignore=shutil.ignore_patterns(ARTIFACT, TABLE_FILE, MELBANK_FILE, PROVENANCE, "__pycache__"))
 
 
 def build_repository(

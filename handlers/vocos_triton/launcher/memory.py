@@ -85,6 +85,19 @@ def stub_model(pid: int) -> Optional[str]:
     return None
 
 
+#: where a stub's command line names its model instance (``<group name>_<index>``), after the model file,
+#: the shared-memory region and sizes, the parent's pid, the backend folder and the IPC handle
+_STUB_INSTANCE_ARG = 8
+
+
+def stub_instance(pid: int) -> Optional[str]:
+    """The model instance a Python-backend stub process runs (e.g. ``vocos_mel_0_0``), or None."""
+    argv = _argv(pid)
+    if stub_model(pid) is None or len(argv) <= _STUB_INSTANCE_ARG:
+        return None
+    return argv[_STUB_INSTANCE_ARG]
+
+
 def _name(pid: int) -> str:
     """A readable name: the model a stub serves, or the command."""
     model = stub_model(pid)

@@ -30,15 +30,14 @@ def render_gpu(config: mc.ModelConfig, gpus_per_instance: int = 1) -> str:
     """The GPU profile of a Python-backend model config: one instance on each of the first GPUs."""
     if config.platform == "ensemble":
         raise ValueError(f"{config.name}: ensembles have no instances and need no GPU profile")
-    if len(config.instance_group) != 1:
-        raise ValueError(
-            f"{config.name}: expected exactly one instance_group to render, got {len(config.instance_group)}")
+    if not config.instance_group:
+        raise ValueError(f"{config.name}: expected at least one instance_group to render")
     gpu = mc.ModelConfig()
     gpu.CopyFrom(config)
-    group = gpu.instance_group[0]
-    group.kind = mc.ModelInstanceGroup.Kind.KIND_GPU
-    del group.gpus[:]
-    group.gpus.extend(range(gpus_per_instance))
+    for group in gpu.instance_group:  # each group keeps its name and host_policy (the watchdog's repair)
+        group.kind = mc.ModelInstanceGroup.Kind.KIND_GPU
+        del group.gpus[:]
+        group.gpus.extend(range(gpus_per_instance))
     return HEADER + text_format.MessageToString(gpu)
 
 

@@ -49,6 +49,7 @@ from .access import (
     redact,
     restriction_args,
 )
+from .guard_process import GUARD_UPSTREAM_HOST, GuardProcess
 from .memory import group_members, stub_regions
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
 from .supervisor import ServerSupervisor, clean_up_group
@@ -189,6 +190,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OSError(f"no free port on {host} that this process has not handed out already")
 
 
+def precompile_models(repository: Path, python: Path) -> None:
+    """Write the ``__pycache__`` of every ``<model>/<version>/model.py`` with the stubs' Python, before
+    tritonserver loads them. Otherwise the stub writes it on its first import, after the load: the version
+    folder then looks modified to tritonserver, and the watchdog's in-place instance update (a load whose
+    config differs only in ``instance_group``) becomes a full reload of the model. A read-only repository
+    (the container's) gets no cache from the stubs either, so nothing is lost where this cannot write."""
+    sources = sorted(str(p) for p in repository.glob("*/[0-9]*/model.py"))
+    if not sources:
+        return
+    result = subprocess.run([str(python), "-m", "compileall", "-q", *sources], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.warning("could not precompile the models' model.py (%s); a stub replaced by the watchdog may then "
+                    "reload its whole model", (result.stdout + result.stderr).strip()[-300:])
+
+
 def random_weight_models(repository: Path) -> List[str]:
     """Models whose provenance says they were built from random weights."""
     flagged = []
@@ -207,7 +223,9 @@ class ServerOptions:
     metrics_port: int = 8002
     profile: str = "cpu"
     build_dir: Path = DEFAULT_BUILD_DIR / "triton"
-    exit_timeout_s: int = 30
+    # Stop is bounded: requests in flight get this long after SIGTERM, then whatever is left of tritonserver
+    # and its stubs is killed (a dead or stuck stub made 2.51 wait 30 s and more; docs/architecture.md)
+    exit_timeout_s: int = 4
     log_verbose: int = 0
     watchdog: bool = True  # reload models whose stub process died
     restart_on_crash: bool = True  # start tritonserver again when it dies on its own (see supervisor.py)
@@ -223,6 +241,9 @@ class ServerOptions:
     admin_key: bool = True  # False: nothing restricted (loopback experiments only; warned about elsewhere)
     api_key_file: Optional[Path] = None  # when set, inference needs the key it holds
     tls: Optional[Tls] = None  # gRPC over TLS (mutual when tls.ca is set)
+    # The public gRPC port is the guard (vocos_triton.launcher.guard), which keeps client cancellations from
+    # tritonserver (2.51 can crash on them); False: tritonserver's own gRPC on the port (experiments only)
+    guard: bool = True
 
     @property
     def admin_key_path(self) -> Optional[Path]:
@@ -256,6 +277,9 @@ class TritonServer:
         self._log_handle: Optional[IO[bytes]] = None
         self._admin_key: Optional[str] = None
         self._api_key: Optional[str] = None
+        self.guard: Optional[GuardProcess] = None
+        # tritonserver's own gRPC port: the public one without the guard, a loopback one behind it
+        self.upstream_grpc_port = options.grpc_port
 
     @property
     def grpc_url(self) -> str:
@@ -296,7 +320,8 @@ class TritonServer:
             str(distribution.binary),
             f"--model-repository={o.model_repository}",
             f"--backend-directory={backend_dir}",
-            f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
+            # behind the guard, tritonserver's gRPC listens on loopback only
+            f"--grpc-address={GUARD_UPSTREAM_HOST if o.guard else o.host}", f"--grpc-port={self.upstream_grpc_port}",
             f"--http-address={o.host}", f"--http-port={o.http_port}",
             f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
             # explicit mode lets us reload a model whose stub died (tritonserver 2.51 never restarts one)
@@ -309,7 +334,7 @@ class TritonServer:
         if config_name:
             args.append(f"--model-config-name={config_name}")
         args += restriction_args(self._admin_key, self._api_key)
-        if o.tls is not None:
+        if o.tls is not None and not o.guard:  # behind the guard, TLS ends at the guard
             args += o.tls.args()
         return args + list(o.extra_args)
 
@@ -334,8 +359,10 @@ class TritonServer:
         for what, port in ports.items():
             ensure_port_free(o.host, port, what)
         self._stopped = False
+        self.upstream_grpc_port = free_port(GUARD_UPSTREAM_HOST) if o.guard else o.grpc_port
         self.read_keys()
         self.runtime = runtime = self.check_runtime()
+        precompile_models(o.model_repository, runtime.python)
         distribution = o.distribution(runtime.python_version)
         backend_dir = distribution.assemble_backends(o.build_dir)
         if self.log_file is not None:
@@ -346,9 +373,16 @@ class TritonServer:
         log.info("starting %s", redact(self._command, [self._admin_key, self._api_key]))
         try:
             self.relaunch(ready_timeout_s)
+            if o.guard:
+                self.guard = GuardProcess(o.host, o.grpc_port, f"{GUARD_UPSTREAM_HOST}:{self.upstream_grpc_port}",
+                                          o.tls, self._log_handle, grace_s=o.exit_timeout_s)
+                self.guard.start()
         except LaunchError:
             self.stop()
             raise
+        except OSError as exc:
+            self.stop()
+            raise LaunchError(f"the gRPC guard did not start: {exc}") from exc
         if o.restart_on_crash:
             self.supervisor = ServerSupervisor(self)
             self.supervisor.start()
@@ -415,26 +449,39 @@ class TritonServer:
         raise LaunchError(f"tritonserver was not ready after {timeout_s:.0f} s")
 
     def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
-        """SIGTERM, then wait (a dead stub makes Triton wait its exit timeout), then SIGKILL."""
+        """Stop within ``timeout_s`` (default: the exit timeout) in any state: the guard and tritonserver get
+        SIGTERM and finish what is in flight meanwhile; what is still running then (a stuck unload, a model
+        whose stub died, requests that need longer) is killed with its stubs, and their shared memory removed.
+        Returns tritonserver's exit code (-9: it had to be killed)."""
         self._stopped = True
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.options.exit_timeout_s)
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            guard.terminate()
         process, self.process = self.process, None
         code = None
         if process is not None and process.poll() is None:
+            # the stubs' regions now, while they run: a stub killed below never removes its own
+            self.known_regions = sorted(set(self.known_regions) | set(stub_regions(group_members(process.pid))))
             process.send_signal(signal.SIGTERM)
             try:
-                code = process.wait(timeout_s if timeout_s is not None else self.options.exit_timeout_s + 15)
+                code = process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                log.warning("tritonserver still running %.0f s after SIGTERM; killing it and its stubs",
+                            self.options.exit_timeout_s if timeout_s is None else timeout_s)
                 os.killpg(process.pid, signal.SIGKILL)
                 code = process.wait()
         elif process is not None:
             code = process.returncode
-        if process is not None:  # a server that died leaves its stubs running, orphaned, and their memory
+        if guard is not None:
+            guard.wait(max(0.0, deadline - time.monotonic()))
+        if process is not None:  # stubs outlive a killed server (and a crashed one), with their memory
             removed = clean_up_group(process.pid, self.known_regions)
             if removed:
                 log.warning("removed %d shared-memory regions of a dead server's stubs", removed)
@@ -487,7 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR / "triton")
-    parser.add_argument("--exit-timeout", type=int, default=30)
+    parser.add_argument("--exit-timeout", type=int, default=ServerOptions.exit_timeout_s,
+                        help="seconds requests in flight get after SIGTERM; then the server and its stubs are "
+                             "killed (stop never takes longer)")
+    parser.add_argument("--no-guard", action="store_true",
+                        help="serve gRPC from tritonserver itself, without the guard that keeps client "
+                             "cancellations from it (2.51 can crash on them; experiments only)")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--runtime-python", type=Path, default=default_runtime_python(),
                         help="python of the environment the stubs embed "
@@ -531,7 +583,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runtime_python=args.runtime_python, tritonserver=args.tritonserver,
         metrics_config=tuple(args.metrics_config or DEFAULT_METRICS_CONFIG), admin_key_file=args.admin_key_file,
         admin_key=not args.no_admin_key, api_key_file=args.api_key_file, tls=tls,
-        restart_on_crash=not args.no_restart))
+        restart_on_crash=not args.no_restart, guard=not args.no_guard))
 
     stopping = []
 

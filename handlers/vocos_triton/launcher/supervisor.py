@@ -1,4 +1,4 @@
-"""Restarts a tritonserver that died while serving.
+"""Restarts a tritonserver (or the gRPC guard in front of it) that died while serving.
 
 tritonserver 2.51 can abort as a whole (``boost::interprocess::lock_exception``, signal 6) when a
 decoupled model's stub dies in the middle of sending a response: the stub held the lock of the shared
@@ -58,7 +58,13 @@ class ServerSupervisor(threading.Thread):
         self.interval_s = interval_s
         self.restarts: List[Tuple[int, float]] = []  # (exit code, seconds from noticing to ready)
         self._crashes: List[float] = []
+        self._crash_count = 0
         self._stop_event = threading.Event()
+
+    @property
+    def crashes(self) -> int:
+        """How many times tritonserver exited on its own (whether or not it is back already)."""
+        return self._crash_count
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -67,14 +73,27 @@ class ServerSupervisor(threading.Thread):
     def stopping(self) -> bool:
         return self._stop_event.is_set()
 
+    def check_guard(self) -> None:
+        """Start the gRPC guard again if it exited (it holds no state: calls in flight were lost with it)."""
+        guard = self.server.guard
+        if guard is None or guard.alive() or self.stopping:
+            return
+        log.error("the gRPC guard exited with code %s; restarting it", guard.process.returncode)
+        try:
+            guard.restart()
+        except OSError as exc:  # tried again next round
+            log.error("could not restart the gRPC guard: %s", exc)
+
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
+            self.check_guard()
             process = self.server.process
             if process is None or process.poll() is None:
                 continue
             if self.stopping:
                 return
             now = time.monotonic()
+            self._crash_count += 1
             self._crashes = [t for t in self._crashes if now - t < self.window_s] + [now]
             if len(self._crashes) > self.max_restarts:
                 log.error("tritonserver exited with code %s, the %d. time in %.0f s; not restarting it again",

@@ -1,7 +1,23 @@
-"""Restores a model whose Python-backend stub process died (tritonserver 2.51 never restarts one)."""
+"""Restores a model instance whose Python-backend stub process died (tritonserver 2.51 never restarts one).
+
+tritonserver 2.51 keeps a model READY when one of its stubs dies, and keeps sending that instance batches,
+each failing after a second ("Stub process ... is not healthy"), for ever. Unloading and loading the model
+repairs it but takes every instance away for seconds ("has no available versions"). The repair here
+costs no availability instead: each instance is its own ``instance_group`` of count 1 with its own
+``host_policy`` name (model_repository/*/config.pbtxt), so each has its own identity (tritonserver's
+instance *signature*), and a load whose config override differs only in ``instance_group`` updates the
+instances in place while the model serves (core ``TritonModel::UpdateInstanceGroup``):
+
+1. the model's config without the dead instance's group: the dead instance leaves, the others stay;
+2. the config with that group again under a new ``host_policy`` generation (``vocos_mel_0`` →
+   ``vocos_mel_0.r1``): a new stub starts beside the serving ones and joins them when it is ready.
+
+A model whose groups are not laid out so (an edited config) is unloaded and loaded as before.
+"""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -10,9 +26,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
-from .memory import process_tree, stub_model, stub_regions
+from .memory import process_tree, stub_instance, stub_model, stub_regions
 
 log = logging.getLogger("vocos_triton.watchdog")
 
@@ -46,6 +62,43 @@ def python_stubs(server_pid: int) -> Dict[int, str]:
     return stubs
 
 
+#: a model instance: (model name, instance name)
+Instance = Tuple[str, str]
+
+
+def python_stub_instances(server_pid: int) -> Dict[int, Instance]:
+    """pid -> (model, instance) of every live Python-backend stub under ``server_pid``."""
+    return {pid: (model, stub_instance(pid) or "") for pid, model in python_stubs(server_pid).items()}
+
+
+def replaceable_in_place(groups: List[Dict[str, Any]]) -> bool:
+    """Whether each instance of a model can be replaced alone: groups of one instance, each with a
+    ``host_policy`` name of its own (without it, tritonserver takes instances of equal config as
+    interchangeable and may keep the dead one)."""
+    policies = [g.get("host_policy", "") for g in groups]
+    return bool(groups) and all(int(g.get("count", 1)) == 1 for g in groups) and all(policies) \
+        and len(set(policies)) == len(policies)
+
+
+def next_generation(host_policy: str) -> str:
+    """``vocos_mel_0`` -> ``vocos_mel_0.r1`` -> ``vocos_mel_0.r2``: a new identity for a replaced instance."""
+    base, sep, generation = host_policy.rpartition(".r")
+    if sep and base and generation.isdigit():
+        return f"{base}.r{int(generation) + 1}"
+    return f"{host_policy}.r1"
+
+
+def groups_of(groups: List[Dict[str, Any]], instances: Set[str]) -> List[Dict[str, Any]]:
+    """The groups that hold any of ``instances`` (an instance is named ``<group name>_<index>``)."""
+    return [g for g in groups if any(i.rpartition("_")[0] == g.get("name") for i in instances)]
+
+
+def superseded(before: Dict[int, Instance], after: Dict[int, Instance]) -> Set[int]:
+    """Stubs of ``before`` whose instance has a new stub in ``after`` (a model reloaded whole)."""
+    new = {instance for pid, instance in after.items() if pid not in before}
+    return {pid for pid, instance in before.items() if pid in after and instance in new}
+
+
 class StubWatchdog(threading.Thread):
     """Restores a model whose Python-backend stub process died.
 
@@ -56,7 +109,7 @@ class StubWatchdog(threading.Thread):
     client SDK retries.
     """
 
-    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.5,
+    def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.2,
                  headers: Optional[Dict[str, str]] = None) -> None:
         super().__init__(name="stub-watchdog", daemon=True)
         self.server_pid = server_pid
@@ -65,22 +118,24 @@ class StubWatchdog(threading.Thread):
         self.interval_s = interval_s
         self.restarts: List[Tuple[str, float]] = []  # (model, seconds from noticing to loaded)
         self._stop_event = threading.Event()
-        self._first_scan = python_stubs(server_pid)
+        self._first_scan = python_stub_instances(server_pid)
+        # model -> groups taken out of it whose replacement has not loaded yet (added again next round)
+        self._lost_groups: Dict[str, Dict[str, Dict[str, Any]]] = {}
 
     def stop(self) -> None:
         self._stop_event.set()
 
-    def scan(self, retired: Dict[int, float], regions: Dict[int, List[Path]]) -> Dict[int, str]:
+    def scan(self, retired: Dict[int, float], regions: Dict[int, List[Path]]) -> Dict[int, Instance]:
         """The live stubs, less the retired ones (see :meth:`run`); forgets retired stubs that have
         exited (removing their shared memory) and ends those that outlived their grace period."""
-        alive = python_stubs(self.server_pid)
+        alive = python_stub_instances(self.server_pid)
         for pid, since in list(retired.items()):
             if pid not in alive:
                 del retired[pid]
                 _remove_regions(regions, pid)
             elif time.monotonic() - since > RETIRED_GRACE_S:
                 log.warning("stub %d of an unloaded model (%s) still runs %.0f s after the reload; ending it",
-                            pid, alive[pid], RETIRED_GRACE_S)
+                            pid, alive[pid][0], RETIRED_GRACE_S)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         return {pid: model for pid, model in alive.items() if pid not in retired}
@@ -90,6 +145,34 @@ class StubWatchdog(threading.Thread):
                                          method="POST", headers={"Content-Type": "application/json", **self.headers})
         with urllib.request.urlopen(request, timeout=300) as response:
             response.read()
+
+    def _load_with_config(self, model: str, config: Dict[str, Any]) -> None:
+        body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/load", data=body,
+                                         method="POST", headers={"Content-Type": "application/json", **self.headers})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            response.read()
+
+    def _config(self, model: str) -> Dict[str, Any]:
+        with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/config", timeout=10) as response:
+            return json.loads(response.read())
+
+    def replace_instances(self, model: str, instances: Set[str]) -> bool:
+        """Replace the dead ``instances`` of ``model`` while its other instances serve (module docstring);
+        False when its config does not allow it (nothing was changed)."""
+        config = self._config(model)
+        groups = config.get("instance_group", [])
+        lost = self._lost_groups.setdefault(model, {})
+        if not lost and not replaceable_in_place(groups):
+            return False
+        lost.update({g["name"]: g for g in groups_of(groups, instances)})
+        survivors = [g for g in groups if g.get("name") not in lost]
+        if survivors and len(survivors) < len(groups):  # the dead instance leaves first, the others serve
+            self._load_with_config(model, dict(config, instance_group=survivors))
+        replacements = [dict(g, host_policy=next_generation(g["host_policy"])) for g in lost.values()]
+        self._load_with_config(model, dict(config, instance_group=survivors + replacements))
+        del self._lost_groups[model]
+        return True
 
     def unloaded_on_purpose(self, model: str) -> bool:
         """Whether tritonserver says ``model`` is not ready: an operator unloaded it (its stub exits too,
@@ -105,50 +188,63 @@ class StubWatchdog(threading.Thread):
             log.warning("could not ask whether %r is ready (%s); taking its stub as dead", model, exc)
             return False
 
-    def restore(self, model: str) -> bool:
-        """Reload ``model``; False when it could not be reloaded now (the watchdog tries again)."""
-        if self.unloaded_on_purpose(model):
+    def restore(self, model: str, instances: Set[str]) -> Optional[str]:
+        """Restore ``model`` whose ``instances`` died: ``"replaced"`` (in place, the model served
+        throughout), ``"reloaded"`` (unloaded and loaded: its other stubs retire), ``"left"`` (an operator
+        unloaded it), or None when that failed now (the watchdog tries again)."""
+        if model not in self._lost_groups and self.unloaded_on_purpose(model):
             log.warning("stub of model %r exited because the model was unloaded; leaving it", model)
-            return True
+            return "left"
         started = time.monotonic()
-        log.warning("stub of model %r died; reloading it", model)
+        names = ", ".join(sorted(instances)) or "?"
+        log.warning("stub of model %r (instance %s) died; replacing it", model, names)
         try:
-            self._repository_call(model, "unload")
-            self._repository_call(model, "load")
-        except (urllib.error.URLError, OSError) as exc:
-            log.error("could not reload model %r: %s", model, exc)
-            return False
+            how = "replaced" if self.replace_instances(model, instances) else None
+            if how is None:
+                self._repository_call(model, "unload")
+                self._repository_call(model, "load")
+                how = "reloaded"
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            log.error("could not restore model %r: %s", model, exc)
+            return None
         elapsed = time.monotonic() - started
         self.restarts.append((model, elapsed))
-        log.warning("model %r reloaded in %.1f s", model, elapsed)
-        return True
+        log.warning("model %r %s in %.1f s (instance %s)", model,
+                    "repaired in place" if how == "replaced" else "reloaded", elapsed, names)
+        return how
 
     def run(self) -> None:
         # pid -> model of every stub seen alive. A pid leaves only once its death is handled: a stub that
         # dies between two scans (its exit takes a moment to show) is still noticed. The first scan is
         # the one taken when the watchdog was made, so a stub that dies before the first round counts.
-        known: Dict[int, str] = dict(self._first_scan)
+        known: Dict[int, Instance] = dict(self._first_scan)
         regions: Dict[int, List[Path]] = {}  # a stub's /dev/shm regions: a killed stub never removes them
         # pid -> when: the other instances of a model that was reloaded. They leave with the unloaded
         # model (the unload returns before they have exited), so their exit is no death to handle;
         # one still running RETIRED_GRACE_S later is ended (it would hold its memory for good).
         retired: Dict[int, float] = {}
-        retry: Set[str] = set()  # models whose reload failed: tried again on the next round
+        retry: Dict[str, Set[str]] = {}  # model -> dead instances whose restore failed: tried again next round
         while not self._stop_event.wait(self.interval_s):
             if not _is_running(self.server_pid):
                 return
             try:  # one bad round (a process vanishing mid-scan) must not end the watchdog for good
                 alive = self.scan(retired, regions)
-                dead = {pid: model for pid, model in known.items() if pid not in alive}
-                pending = retry | set(dead.values())
-                reloaded = {model for model in sorted(pending) if self.restore(model)}
-                retry = pending - reloaded
+                dead = {pid: instance for pid, instance in known.items() if pid not in alive}
+                pending = {model: set(instances) for model, instances in retry.items()}
+                for model, instance in dead.values():
+                    pending.setdefault(model, set()).add(instance)
+                outcomes = {model: self.restore(model, instances) for model, instances in sorted(pending.items())}
+                retry = {model: pending[model] for model, how in outcomes.items() if how is None}
                 for pid in dead:
                     _remove_regions(regions, pid)
                 now = time.monotonic()
-                retired.update({pid: now for pid, model in alive.items() if model in reloaded})
-                if dead:  # add the stubs the reloads started
-                    alive = self.scan(retired, regions)
+                retired.update({pid: now for pid, (model, _) in alive.items() if outcomes.get(model) == "reloaded"})
+                if outcomes:  # add the stubs the repairs started
+                    before, alive = alive, self.scan(retired, regions)
+                    # tritonserver reloads the whole model instead of updating in place when its files look
+                    # changed: then an instance name runs twice, and the older stub leaves with the old model
+                    retired.update({pid: now for pid in superseded(before, alive)})
+                    alive = {pid: instance for pid, instance in alive.items() if pid not in retired}
                 known = alive
                 for pid in known.keys() - regions.keys():
                     regions[pid] = stub_regions([pid])

@@ -15,12 +15,13 @@ import importlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..contract import DEFAULT_MAX_SECONDS, InvalidInput, Limits, Tensor
+from ..contract import DEADLINE_PARAMETER, DEFAULT_MAX_SECONDS, InvalidInput, Limits, Tensor
 from .allocator import IDLE_RELEASE_S, MemoryReleaser
 from .metrics import AudioSeconds
 
@@ -81,6 +82,15 @@ def pad_stack(arrays: Sequence[np.ndarray], dtype: np.dtype = np.float32, value:
     return out
 
 
+def request_deadline_ns(request: Any) -> Optional[int]:
+    """The request's :data:`~vocos_triton.contract.DEADLINE_PARAMETER` (ns since the epoch), or None."""
+    try:
+        value = json.loads(request.parameters() or "{}").get(DEADLINE_PARAMETER)
+    except (AttributeError, ValueError):  # a stub without parameters(), or no JSON
+        return None
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
 class TritonModel:
     """What every Python-backend model of ours reads from its config, and the helpers it shares."""
 
@@ -124,9 +134,10 @@ class RaggedBatchModel(TritonModel):
         self.read_config(args)
         self.max_padded_frames = int(self.float_parameter("max_padded_frames", 16384))
         self.batch_overhead_frames = int(self.float_parameter("batch_overhead_frames", 64))
-        # Asking whether a request was cancelled is an IPC round trip to tritonserver:
-        # worth it before a forward of milliseconds, not before a table lookup of microseconds.
-        self.skip_cancelled = self.parameters.get("skip_cancelled", "true").strip().lower() != "false"
+        # Off unless a config turns it on: asking tritonserver 2.51 whether a request was cancelled
+        # (request.is_cancelled(), TRITONBACKEND_ResponseFactoryIsCancelled) crashed it (signal 11) under
+        # bursts into the ensembles; the deadline the gRPC guard attaches does the same job without asking.
+        self.skip_cancelled = self.parameters.get("skip_cancelled", "false").strip().lower() == "true"
         # MB of freed heap the stub may keep for its next forwards before it gives memory back (-1: keep all)
         self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
         # audio seconds returned, for capacity dashboards (models whose output is a waveform)
@@ -227,9 +238,19 @@ class RaggedBatchModel(TritonModel):
         return sizes.pop()
 
     def drop_if_cancelled(self, request: Any, r: int, responses: List[Optional[Any]]) -> bool:
-        """True when request ``r`` already has a response, or is given a ``CANCELLED`` one now because
-        its client cancelled it (a gRPC deadline that passed cancels the request, also inside ensembles)."""
+        """True when request ``r`` already has a response, or is given an error one now because nobody
+        waits for it any more: its deadline (:data:`~vocos_triton.contract.DEADLINE_PARAMETER`, set by
+        the gRPC guard from the client's deadline) has passed, or its client cancelled it (a client that
+        reaches tritonserver directly; also inside ensembles)."""
         if responses[r] is not None:
+            return True
+        deadline_ns = request_deadline_ns(request)
+        if deadline_ns is not None and time.time_ns() >= deadline_ns:
+            # UNAVAILABLE, not CANCELLED: nothing was cancelled (a CANCELLED answer is what tritonserver 2.51's
+            # cancellation paths expect), and a caller that still listens may retry
+            responses[r] = self.error_response(f"{self.name}: the request's deadline passed before it could run",
+                                               self.pb.TritonError.UNAVAILABLE)
+            log.warning("%s: skipped a request whose deadline had passed", self.name)
             return True
         if self.skip_cancelled and request.is_cancelled():
             responses[r] = self.error_response(f"{self.name}: request cancelled", self.pb.TritonError.CANCELLED)

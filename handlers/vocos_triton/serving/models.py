@@ -1,5 +1,6 @@
-"""The four TorchScript models of the serving contract (see ``model_repository/``); the fifth,
-``encodec_embedding``, needs no torch and lives in :mod:`vocos_triton.serving.embedding`.
+"""The TorchScript models of the serving contract (see ``model_repository/``). Two need no torch on
+CPU and live elsewhere: ``encodec_embedding`` (:mod:`vocos_triton.serving.embedding`) and ``mel_features``
+(:mod:`vocos_triton.serving.frontend`, whose GPU instances run :class:`TorchScriptMelFeatures` from here).
 
 Each ``model_repository/<model>/1/model.py`` imports one class from here as ``TritonPythonModel``.
 Limits come from the model's ``parameters`` in config.pbtxt: ``max_seconds`` (default 60),
@@ -16,12 +17,7 @@ import torch
 from .. import contract as c
 from ..contract import Tensor
 from .base import Outputs, Row, pad_stack
-from .torchscript import TorchScriptModel
-
-
-@dataclass(frozen=True)
-class AudioRow:
-    audio: np.ndarray  # (L,) float32
+from .torchscript import TorchScriptModel, load_torchscript
 
 
 @dataclass(frozen=True)
@@ -64,23 +60,20 @@ def encodec_vocoder_probe() -> Tuple[torch.Tensor, ...]:
     return _vocoder_probe(c.FEATURE_DIM, c.encodec_frames(KERNEL_PROBE_SECONDS * c.SAMPLE_RATE), 2)
 
 
-class MelFeaturesModel(TorchScriptModel):
-    """audio (L,) -> mel (100, 1 + L // 256)."""
+class TorchScriptMelFeatures:
+    """``mel_features``' front end on a GPU instance (or a CPU one without MKL, see
+    :mod:`vocos_triton.serving.frontend`): ``model.pt``, a TorchScript
+    :class:`vocos_triton.modules.features.MelFeatures`, on the instance's device."""
 
-    def warm_up(self) -> None:
-        for _ in range(2):
-            self.infer([AudioRow(np.zeros(c.SAMPLE_RATE, np.float32))])
+    def __init__(self, args: Dict[str, str], version_dir: str, threads: int) -> None:
+        self.module, self.device, self.description = load_torchscript(args, version_dir, threads)
 
-    def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
-        audio = row[Tensor.AUDIO]
-        c.validate_audio(audio, c.MEL_MIN_SAMPLES, self.limits.max_samples)
-        return c.mel_frames(audio.shape[0]), AudioRow(audio)
-
-    def infer(self, items: List[AudioRow]) -> List[Outputs]:
-        audio = [it.audio for it in items]
+    def __call__(self, audio: Sequence[np.ndarray]) -> List[np.ndarray]:
         samples = lengths(audio)
-        mel = self.module(self.tensor(pad_stack(audio)), samples.to(self.device)).cpu().numpy()
-        return [{Tensor.MEL: mel[i, :, : c.mel_frames(int(n))]} for i, n in enumerate(samples)]
+        with torch.inference_mode():
+            padded = torch.from_numpy(pad_stack(audio)).to(self.device)
+            mel = self.module(padded, samples.to(self.device)).cpu().numpy()
+        return [mel[i, :, : c.mel_frames(int(n))] for i, n in enumerate(samples)]
 
 
 class VocosMelModel(TorchScriptModel):

@@ -1,0 +1,290 @@
+"""The gRPC guard: the public gRPC port, in front of tritonserver, so that no client cancellation reaches it.
+
+tritonserver 2.51 can crash (signal 11 in ``pthread_mutex_lock``) when a gRPC inference call is cancelled
+while its response completes: a race in its gRPC frontend between the cancellation notification and the
+response callback (upstream issues #7368 and #8034, fixed in 2.53 and 2.57; the ``nvidia-pytriton``
+wheel bundles 2.51). A client whose deadline passes cancels its call, and so does a server-side deadline
+(the ``grpc-timeout`` header): one client with short deadlines could take the server down for everyone.
+
+The guard is a small asyncio gRPC proxy that serves ``inference.GRPCInferenceService`` on the public port
+and forwards every call, as raw bytes, to tritonserver on a loopback port. It never cancels a call
+upstream:
+
+- **Unary calls** go upstream without the client's deadline. A ``ModelInfer`` whose client set a deadline
+  carries it instead as Triton's request ``timeout`` (the queue refuses the request in time, a normal
+  answer, not a cancellation) and as the :data:`~vocos_triton.contract.DEADLINE_PARAMETER` request
+  parameter, which our models read to skip work nobody waits for any more. When the client cancels or its
+  deadline passes, the guard answers it at once and lets the upstream call finish unseen.
+- **Streams** (``ModelStreamInfer``): when the client goes, the guard stops sending (half-close) and
+  drains what tritonserver still answers; the sequence's state is freed by the sequence batcher's idle
+  timeout, as for any abandoned stream.
+
+It also bounds what reaches tritonserver: at most ``--max-in-flight`` inference calls per model (32: what a
+model's queue of 16 and two instances of batches of 8 hold) are upstream at once (a call whose deadline
+has passed no longer counts: the models skip it); a call beyond that is
+refused at once with ``UNAVAILABLE`` "Exceeds maximum queue size" (the SDK's ``ServerBusyError``), as
+tritonserver's own full queue would, without tritonserver ever receiving it. Bursts of hundreds of 60 s
+requests into the ensembles crashed tritonserver 2.51 (signal 11) whether or not their clients cancelled,
+and held gigabytes in flight; the guard keeps them out.
+
+Metadata (the API and admin keys) is forwarded, so tritonserver still decides who may do what; TLS, when
+configured, ends at the guard (docs/exposure.md). HTTP and metrics stay tritonserver's own.
+
+    python -m vocos_triton.launcher.guard --listen HOST:PORT --upstream 127.0.0.1:PORT [--max-in-flight 32]
+        [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+from ..contract import DEADLINE_PARAMETER
+
+log = logging.getLogger("vocos_triton.launcher.guard")
+
+SERVICE = "inference.GRPCInferenceService"
+INFER = f"/{SERVICE}/ModelInfer"
+#: Triton's per-request timeout (µs) in a request's parameters; honoured by a queue policy that allows it
+TRITON_TIMEOUT_PARAMETER = "timeout"
+#: how long before the client's deadline Triton's queue gives up, so that its refusal reaches the client
+QUEUE_MARGIN_S = 0.05
+#: an upstream call whose client has gone still gets this long before the guard stops waiting for it; it is
+#: only cancelled then (a server hung for minutes), never because a client left
+ORPHAN_LIMIT_S = 600.0
+#: inference calls one model may have upstream at once (see the module docstring)
+MAX_IN_FLIGHT = 32
+#: what a refused call is told: the words of tritonserver's own full queue, which clients already handle
+QUEUE_FULL = "Exceeds maximum queue size (the gRPC guard's limit of calls in flight for {model})"
+#: no limit on message sizes: tritonserver and the models enforce the contract's limits
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+#: metadata that belongs to the hop, not to the call
+_HOP_METADATA = ("user-agent", "te", "content-type", "host")
+
+
+def forwarded_metadata(metadata: Optional[Sequence[Tuple[str, Any]]]) -> List[Tuple[str, Any]]:
+    """The client's metadata minus what gRPC sets per connection (keys, trace ids and the rest pass)."""
+    return [(k, v) for k, v in (metadata or ())
+            if not k.startswith((":", "grpc-")) and k not in _HOP_METADATA]
+
+
+def with_deadline(request: bytes, remaining_s: float, now_ns: Optional[int] = None) -> bytes:
+    """``request`` (a serialized ``ModelInferRequest``) carrying the client's deadline: Triton's ``timeout``
+    lowered to end :data:`QUEUE_MARGIN_S` before it (a shorter one the client set is kept), and
+    :data:`DEADLINE_PARAMETER`, the deadline in ns since the epoch."""
+    message = service_pb2.ModelInferRequest()
+    message.ParseFromString(request)
+    return add_deadline(message, remaining_s, now_ns).SerializeToString()
+
+
+def add_deadline(message: service_pb2.ModelInferRequest, remaining_s: float,
+                 now_ns: Optional[int] = None) -> service_pb2.ModelInferRequest:
+    """:func:`with_deadline` on a parsed request (changed in place, and returned)."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    timeout_us = max(1, int((remaining_s - QUEUE_MARGIN_S) * 1e6))
+    parameters = message.parameters
+    if TRITON_TIMEOUT_PARAMETER in parameters and parameters[TRITON_TIMEOUT_PARAMETER].int64_param > 0:
+        timeout_us = min(timeout_us, parameters[TRITON_TIMEOUT_PARAMETER].int64_param)
+    parameters[TRITON_TIMEOUT_PARAMETER].int64_param = timeout_us
+    parameters[DEADLINE_PARAMETER].int64_param = now_ns + int(remaining_s * 1e9)
+    return message
+
+
+class Slot:
+    """One call's place in its model's in-flight count; freed once, by whichever comes first."""
+
+    def __init__(self, guard: Guard, model: str) -> None:
+        self.guard, self.model, self.held = guard, model, True
+        guard.in_flight[model] = guard.in_flight.get(model, 0) + 1
+
+    def free(self) -> None:
+        if self.held:
+            self.held = False
+            self.guard.in_flight[self.model] -= 1
+
+
+class Guard:
+    """Forwards every method of the inference service to ``upstream`` without ever cancelling a call."""
+
+    def __init__(self, upstream: str, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.upstream = upstream
+        self.max_in_flight = max_in_flight
+        self.in_flight: Dict[str, int] = {}  # model -> inference calls upstream now (their clients may be gone)
+        self.refused = 0
+        self.channel = grpc.aio.insecure_channel(upstream, options=CHANNEL_OPTIONS)
+        # calls whose client has gone, kept until tritonserver answers them (a task nobody references
+        # could be collected mid-flight)
+        self.orphans: Set[asyncio.Future] = set()
+        self.abandoned = 0  # calls whose client went before tritonserver answered
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods: Dict[str, grpc.RpcMethodHandler] = {}
+        for method in service_pb2.DESCRIPTOR.services_by_name[SERVICE.split(".")[-1]].methods:
+            path = f"/{SERVICE}/{method.name}"
+            if method.client_streaming or method.server_streaming:
+                methods[method.name] = grpc.stream_stream_rpc_method_handler(self._stream(path))
+            else:
+                methods[method.name] = grpc.unary_unary_rpc_method_handler(self._unary(path))
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+    def _orphan(self, future: asyncio.Future) -> None:
+        self.abandoned += 1
+        self.orphans.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: asyncio.Future) -> None:
+        self.orphans.discard(future)
+        if not future.cancelled():
+            future.exception()  # retrieved: an error nobody waits for is not worth a warning
+
+    def _unary(self, path: str) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
+        stub = self.channel.unary_unary(path)
+
+        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            remaining = context.time_remaining()
+            timeout = remaining
+            model = None
+            if path == INFER:
+                message = service_pb2.ModelInferRequest.FromString(request)
+                model = message.model_name
+                if self.in_flight.get(model, 0) >= self.max_in_flight:
+                    self.refused += 1
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, QUEUE_FULL.format(model=model))
+                if remaining is not None:
+                    request = add_deadline(message, remaining).SerializeToString()
+                del message
+                timeout = None if remaining is None else remaining + ORPHAN_LIMIT_S
+            call = asyncio.ensure_future(
+                stub(request, metadata=forwarded_metadata(context.invocation_metadata()), timeout=timeout))
+            del request  # the call holds what it sends
+            if model is not None:
+                # the model's slot frees when tritonserver answers, or once the deadline has passed (the
+                # models then skip the call at their next look), not when the client goes
+                slot = Slot(self, model)
+                call.add_done_callback(lambda _: slot.free())
+                if remaining is not None:
+                    asyncio.get_running_loop().call_later(remaining, slot.free)
+            try:
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+                if not call.done():
+                    self._orphan(call)
+                raise
+            except grpc.aio.AioRpcError as error:
+                await context.abort(error.code(), error.details() or "")
+                raise  # not reached: abort raises
+
+        return forward
+
+    def _stream(self, path: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        stub = self.channel.stream_stream(path)
+
+        async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            call = stub(metadata=forwarded_metadata(context.invocation_metadata()))
+
+            async def send() -> None:
+                try:
+                    async for request in requests:
+                        await call.write(request)
+                finally:
+                    await call.done_writing()
+
+            sender = asyncio.ensure_future(send())
+            finished = False
+            try:
+                async for response in call:
+                    yield response
+                finished = True
+            except grpc.aio.AioRpcError as error:
+                finished = True
+                await context.abort(error.code(), error.details() or "")
+            finally:
+                if not finished:  # the client went: half-close upstream and let tritonserver finish
+                    sender.cancel()
+                    self._orphan(asyncio.ensure_future(self._drain(call)))
+
+        return forward
+
+    @staticmethod
+    async def _drain(call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            await call.done_writing()
+        except Exception:  # already half-closed by the sender
+            pass
+        async for _ in call:
+            pass
+
+    async def close(self, grace_s: float) -> None:
+        if self.orphans:
+            await asyncio.wait(list(self.orphans), timeout=grace_s)
+        await self.channel.close()
+
+
+async def serve(listen: str, upstream: str, credentials: Optional[grpc.ServerCredentials] = None,
+                ready: Optional[Callable[[int], None]] = None, stop: Optional[asyncio.Event] = None,
+                max_in_flight: int = MAX_IN_FLIGHT, grace_s: float = 4.0) -> None:
+    """Run the guard until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None); then take no new calls
+    and give those in flight ``grace_s`` (the launcher's exit timeout) to finish."""
+    guard = Guard(upstream, max_in_flight)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((guard.handler(),))
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+    log.info("gRPC guard on %s -> tritonserver %s", listen, upstream)
+    if ready is not None:
+        ready(port)
+    await stop.wait()
+    await server.stop(grace=grace_s)
+    await guard.close(grace_s=0.5)
+    log.info("gRPC guard stopped (%d calls outlived their client, %d refused at the in-flight limit)",
+             guard.abandoned, guard.refused)
+
+
+def server_credentials(cert: Path, key: Path, ca: Optional[Path]) -> grpc.ServerCredentials:
+    """TLS for the public port; mutual when ``ca`` is given (clients must present a certificate it signed)."""
+    return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())],
+                                       root_certificates=ca.read_bytes() if ca else None,
+                                       require_client_auth=ca is not None)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True, help="HOST:PORT of the public gRPC endpoint")
+    parser.add_argument("--upstream", required=True, help="HOST:PORT of tritonserver's gRPC endpoint (loopback)")
+    parser.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT,
+                        help="inference calls one model may have in tritonserver at once; more are refused")
+    parser.add_argument("--grace", type=float, default=4.0,
+                        help="seconds calls in flight get after SIGTERM (the launcher passes its exit timeout)")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-ca", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    try:
+        asyncio.run(serve(args.listen, args.upstream, credentials, max_in_flight=args.max_in_flight,
+                          grace_s=args.grace))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

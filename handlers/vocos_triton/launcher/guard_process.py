@@ -1,0 +1,80 @@
+"""The gRPC guard (:mod:`vocos_triton.launcher.guard`) as a child process of the launcher.
+
+Its own process, not a thread of the launcher: the guard copies every request (up to 60 s of audio each)
+and must not share a GIL with whatever else the launcher's process runs (the tests' clients, a bench).
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import IO, List, Optional
+
+from .access import Tls
+
+#: where tritonserver's own gRPC listens when the guard is in front of it
+GUARD_UPSTREAM_HOST = "127.0.0.1"
+
+
+class GuardProcess:
+    """``python -m vocos_triton.launcher.guard`` listening on ``host:port``, forwarding to ``upstream``."""
+
+    def __init__(self, host: str, port: int, upstream: str, tls: Optional[Tls] = None,
+                 output: Optional[IO[bytes]] = None, grace_s: float = 4.0) -> None:
+        self.host, self.port, self.upstream, self.tls, self.output = host, port, upstream, tls, output
+        self.grace_s = grace_s  # what calls in flight get after SIGTERM: the launcher's exit timeout
+        self.process: Optional[subprocess.Popen] = None
+
+    def command(self) -> List[str]:
+        listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        args = [sys.executable, "-m", "vocos_triton.launcher.guard", "--listen", listen, "--upstream", self.upstream,
+                "--grace", f"{self.grace_s:g}"]
+        if self.tls is not None:
+            args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+            if self.tls.ca is not None:
+                args += ["--tls-ca", str(self.tls.ca)]
+        return args
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the guard and wait until its port accepts connections."""
+        self.process = subprocess.Popen(self.command(), stdout=self.output,
+                                        stderr=subprocess.STDOUT if self.output else None)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise OSError(f"it exited with code {self.process.returncode} (port {self.port} in use?)")
+            if self._accepts():
+                return
+            time.sleep(0.05)
+        raise OSError(f"its port {self.port} did not open within {timeout_s:.0f} s")
+
+    def _accepts(self) -> bool:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
+        with contextlib.suppress(OSError), socket.create_connection((host, self.port), timeout=0.5):
+            return True
+        return False
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        """Stop taking calls (SIGTERM); calls in flight get the grace period."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait for the exit, killing the guard once ``timeout_s`` has passed."""
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> None:
+        self.wait(0)
+        self.start()

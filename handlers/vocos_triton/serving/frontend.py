@@ -1,0 +1,76 @@
+"""``mel_features``: audio (L,) -> log-mel (100, 1 + L // 256), in numpy on CPU instances.
+
+Importing this module imports no torch. A CPU instance runs :class:`.melbank.MelBank` (numpy + MKL's
+FFT, ``melbank.npz``), so the two ``mel_features`` stubs of the CPU profile carry no torch (measured:
+27 MB of PSS each after loading, against 160 MB with torch). A GPU instance (``configs/gpu.pbtxt``,
+KIND_GPU) runs the TorchScript ``model.pt`` on its GPU and imports torch only then: a KIND_GPU
+instance that computed on the CPU would be config and code disagreeing. (Numpy there would spare that
+stub its torch import and CUDA context; the way to get that is a KIND_CPU ``mel_features`` in the GPU
+profile, a choice for the profile renderer, :mod:`vocos_triton.launcher.profiles`.) A CPU instance
+also falls back to ``model.pt``, and says so in the log, where the repository has no ``melbank.npz``
+(built without MKL) or the runtime has no MKL: the numbers are then the TorchScript module's, never
+those of numpy's own FFT (see :mod:`.dfti`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+
+from .. import contract as c
+from ..contract import Tensor
+from .base import Outputs, RaggedBatchModel, Row
+from .dfti import FftUnavailable
+from .melbank import MELBANK_FILE, MelBank
+
+log = logging.getLogger("vocos_triton.serving")
+
+#: a ragged batch of (L,) float32 audio -> each item's (100, 1 + L // 256) log-mel
+FrontEnd = Callable[[Sequence[np.ndarray]], List[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class AudioRow:
+    audio: np.ndarray  # (L,) float32
+
+
+class MelFeaturesModel(RaggedBatchModel):
+    """audio (L,) -> mel (100, 1 + L // 256)."""
+
+    def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
+        if args.get("model_instance_kind") != "GPU":
+            path = os.path.join(version_dir, MELBANK_FILE)
+            try:
+                self.front_end: FrontEnd = MelBank.load(path)
+                return f"{path} (numpy, MKL FFT)"
+            except (FileNotFoundError, FftUnavailable) as exc:
+                self.warn(f"{self.name}: serving model.pt with torch instead of the numpy front end: {exc}")
+        from .models import TorchScriptMelFeatures  # torch, imported only on this path
+
+        front_end = TorchScriptMelFeatures(args, version_dir, int(self.float_parameter("torch_threads", 0)))
+        self.front_end = front_end
+        return front_end.description
+
+    def warn(self, line: str) -> None:
+        log.warning(line)
+        logger = getattr(self.pb, "Logger", None)  # the stub's logger writes into tritonserver's log
+        if logger is not None:
+            logger.log_warn(line)
+
+    def warm_up(self) -> None:
+        for _ in range(2):
+            self.infer([AudioRow(np.zeros(c.SAMPLE_RATE, np.float32))])
+
+    def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
+        audio = row[Tensor.AUDIO]
+        c.validate_audio(audio, c.MEL_MIN_SAMPLES, self.limits.max_samples)
+        return c.mel_frames(audio.shape[0]), AudioRow(audio)
+
+    def infer(self, items: List[AudioRow]) -> List[Outputs]:
+        return [{Tensor.MEL: mel} for mel in self.front_end([it.audio for it in items])]
+
+    def finalize(self) -> None:
+        self.front_end = None
