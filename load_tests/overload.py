@@ -345,6 +345,11 @@ async def scenario(args: argparse.Namespace, url: str, pids: Sequence[int], repo
                       flush=True)
         report.burst = report.bursts[0] if report.bursts else {}
         if server is not None and args.kill_seconds > 0:
+            # a burst may have crashed tritonserver: the kill is measured on a server that is up again
+            ready_by = time.monotonic() + 120
+            while not server.is_ready() and time.monotonic() < ready_by:
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(6.0)  # and whose stubs have given back the burst's memory
             report.stub_kill = k = await stub_kill(client, server, clip, args.concurrency, args.kill_seconds)
             print(f"stub kill: {k['failed']:.0f} of {k['calls']:.0f} plain calls failed "
                   f"({100 * k['failed_share']:.2f} %, target <= 1 %); repaired after {k['repair_s']:.1f} s; "
