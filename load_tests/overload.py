@@ -47,7 +47,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import tritonclient.grpc.aio as aioclient
@@ -137,17 +137,24 @@ async def plain_call(client: aioclient.InferenceServerClient, inputs: list, dead
         return Outcome(start, time.monotonic() - start, kind, f"{exc.status()}: {exc.message()}"[:160])
 
 
-async def capacity(client: aioclient.InferenceServerClient, audio: list, seconds: float, concurrency: int) -> float:
-    """Completed requests per second of a closed loop of ``concurrency`` callers (no deadline pressure)."""
-    done: List[Outcome] = []
+async def closed_loop(concurrency: int, seconds: float, attempt: Callable[[], Awaitable[Outcome]],
+                      outcomes: List[Outcome]) -> None:
+    """``concurrency`` callers, each making ``attempt()`` after ``attempt()`` for ``seconds``; every outcome
+    is appended to ``outcomes`` as it comes (a caller may read them meanwhile)."""
     stop_at = time.monotonic() + seconds
 
     async def caller() -> None:
         while time.monotonic() < stop_at:
-            done.append(await call(client, audio, 120.0))
+            outcomes.append(await attempt())
 
-    start = time.monotonic()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
+
+
+async def capacity(client: aioclient.InferenceServerClient, audio: list, seconds: float, concurrency: int) -> float:
+    """Completed requests per second of a closed loop of ``concurrency`` callers (no deadline pressure)."""
+    done: List[Outcome] = []
+    start = time.monotonic()
+    await closed_loop(concurrency, seconds, lambda: call(client, audio, 120.0), done)
     ok = sum(o.kind == "ok" for o in done)
     return ok / (time.monotonic() - start)
 
@@ -275,12 +282,8 @@ async def stub_kill(client: aioclient.InferenceServerClient, server: TritonServe
     """Plain calls (no retries) from ``concurrency`` callers while a stub of vocos_mel is SIGKILLed."""
     outcomes: List[Outcome] = []
     stop_at = time.monotonic() + seconds
-
-    async def caller() -> None:
-        while time.monotonic() < stop_at:
-            outcomes.append(await plain_call(client, clip, 30.0))
-
-    callers = asyncio.gather(*(caller() for _ in range(concurrency)))
+    callers = asyncio.ensure_future(closed_loop(concurrency, seconds, lambda: plain_call(client, clip, 30.0),
+                                                outcomes))
     await asyncio.sleep(seconds / 3)
     victim = min(pid for pid, model in python_stubs(server.process.pid).items() if model == Model.VOCOS_MEL)
     repairs = len(server.watchdog.restarts) if server.watchdog else 0

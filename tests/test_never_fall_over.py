@@ -79,15 +79,17 @@ def stop_and_check(server: TritonServer) -> float:
     return elapsed
 
 
-def test_with_deadline_carries_the_clients_deadline_to_triton_and_the_models():
+def test_add_deadline_carries_the_clients_deadline_to_triton_and_the_models():
     request = service_pb2.ModelInferRequest(model_name="vocos_mel")
     now = 1_000_000_000_000
-    message = service_pb2.ModelInferRequest.FromString(guard.with_deadline(request.SerializeToString(), 2.0, now))
+    message = service_pb2.ModelInferRequest.FromString(
+        guard.add_deadline(service_pb2.ModelInferRequest.FromString(request.SerializeToString()), 2.0,
+                           now).SerializeToString())
     assert message.model_name == "vocos_mel"
     assert message.parameters["timeout"].int64_param == int((2.0 - guard.QUEUE_MARGIN_S) * 1e6)
     assert message.parameters[DEADLINE_PARAMETER].int64_param == now + 2_000_000_000
     request.parameters["timeout"].int64_param = 500_000  # a shorter timeout the caller chose is kept
-    message = service_pb2.ModelInferRequest.FromString(guard.with_deadline(request.SerializeToString(), 2.0, now))
+    message = guard.add_deadline(service_pb2.ModelInferRequest.FromString(request.SerializeToString()), 2.0, now)
     assert message.parameters["timeout"].int64_param == 500_000
 
 

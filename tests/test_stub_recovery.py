@@ -19,8 +19,8 @@ from tritonclient.utils import InferenceServerException
 
 from vocos_client import VocosClient
 from vocos_triton.launcher import metrics
-from vocos_triton.launcher.memory import stub_instance, stub_regions
-from vocos_triton.launcher.watchdog import python_stubs
+from vocos_triton.launcher.memory import stub_regions
+from vocos_triton.launcher.watchdog import python_stub_instances, python_stubs
 
 import reference_outputs as ref
 from triton_helpers import make_inputs
@@ -55,7 +55,7 @@ def test_killed_stub_is_replaced_while_the_other_instance_serves(triton, referen
         client.close()
 
     def stubs() -> Dict[int, str]:
-        return {pid: stub_instance(pid) for pid, model in python_stubs(triton.process.pid).items()
+        return {pid: instance for pid, (model, instance) in python_stub_instances(triton.process.pid).items()
                 if model == "vocos_mel"}
 
     before = stubs()

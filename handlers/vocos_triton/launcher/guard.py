@@ -76,18 +76,11 @@ def forwarded_metadata(metadata: Optional[Sequence[Tuple[str, Any]]]) -> List[Tu
             if not k.startswith((":", "grpc-")) and k not in _HOP_METADATA]
 
 
-def with_deadline(request: bytes, remaining_s: float, now_ns: Optional[int] = None) -> bytes:
-    """``request`` (a serialized ``ModelInferRequest``) carrying the client's deadline: Triton's ``timeout``
-    lowered to end :data:`QUEUE_MARGIN_S` before it (a shorter one the client set is kept), and
-    :data:`DEADLINE_PARAMETER`, the deadline in ns since the epoch."""
-    message = service_pb2.ModelInferRequest()
-    message.ParseFromString(request)
-    return add_deadline(message, remaining_s, now_ns).SerializeToString()
-
-
 def add_deadline(message: service_pb2.ModelInferRequest, remaining_s: float,
                  now_ns: Optional[int] = None) -> service_pb2.ModelInferRequest:
-    """:func:`with_deadline` on a parsed request (changed in place, and returned)."""
+    """``message`` (changed in place, and returned) carrying the client's deadline: Triton's ``timeout``
+    lowered to end :data:`QUEUE_MARGIN_S` before it (a shorter one the client set is kept), and
+    :data:`DEADLINE_PARAMETER`, the deadline in ns since the epoch."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     timeout_us = max(1, int((remaining_s - QUEUE_MARGIN_S) * 1e6))
     parameters = message.parameters

@@ -7,7 +7,7 @@ between the processes that map it, so the sum over the process tree is the real 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region"
@@ -79,10 +79,8 @@ def _argv(pid: int) -> List[str]:
 def stub_model(pid: int) -> Optional[str]:
     """The model a Python-backend stub process serves (from its ``<repo>/<model>/<version>/model.py``
     argument), or None when ``pid`` is not a stub."""
-    argv = _argv(pid)
-    if len(argv) > 1 and Path(argv[0]).name == "triton_python_backend_stub":
-        return Path(argv[1]).parent.parent.name
-    return None
+    identity = stub_identity(pid)
+    return identity[0] if identity else None
 
 
 #: where a stub's command line names its model instance (``<group name>_<index>``), after the model file,
@@ -90,12 +88,14 @@ def stub_model(pid: int) -> Optional[str]:
 _STUB_INSTANCE_ARG = 8
 
 
-def stub_instance(pid: int) -> Optional[str]:
-    """The model instance a Python-backend stub process runs (e.g. ``vocos_mel_0_0``), or None."""
+def stub_identity(pid: int) -> Optional[Tuple[str, str]]:
+    """(model, instance, e.g. ``vocos_mel_0_0``) of a Python-backend stub process, from one read of its
+    command line; None when ``pid`` is not a stub (the instance is "" where the command line lacks it)."""
     argv = _argv(pid)
-    if stub_model(pid) is None or len(argv) <= _STUB_INSTANCE_ARG:
+    if len(argv) <= 1 or Path(argv[0]).name != "triton_python_backend_stub":
         return None
-    return argv[_STUB_INSTANCE_ARG]
+    instance = argv[_STUB_INSTANCE_ARG] if len(argv) > _STUB_INSTANCE_ARG else ""
+    return Path(argv[1]).parent.parent.name, instance
 
 
 def _name(pid: int) -> str:

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from .memory import process_tree, stub_instance, stub_model, stub_regions
+from .memory import process_tree, stub_identity, stub_regions
 
 log = logging.getLogger("vocos_triton.watchdog")
 
@@ -52,23 +52,24 @@ def _remove_regions(regions: Dict[int, List[Path]], pid: int) -> None:
         region.unlink(missing_ok=True)
 
 
-def python_stubs(server_pid: int) -> Dict[int, str]:
-    """pid -> model name of every live Python-backend stub under ``server_pid``."""
-    stubs = {}
-    for pid in process_tree(server_pid):
-        model = stub_model(pid)
-        if model is not None and _is_running(pid):
-            stubs[pid] = model
-    return stubs
-
-
 #: a model instance: (model name, instance name)
 Instance = Tuple[str, str]
 
 
 def python_stub_instances(server_pid: int) -> Dict[int, Instance]:
-    """pid -> (model, instance) of every live Python-backend stub under ``server_pid``."""
-    return {pid: (model, stub_instance(pid) or "") for pid, model in python_stubs(server_pid).items()}
+    """pid -> (model, instance) of every live Python-backend stub under ``server_pid`` (one read of each
+    command line: the watchdog scans every 200 ms)."""
+    stubs = {}
+    for pid in process_tree(server_pid):
+        identity = stub_identity(pid)
+        if identity is not None and _is_running(pid):
+            stubs[pid] = identity
+    return stubs
+
+
+def python_stubs(server_pid: int) -> Dict[int, str]:
+    """pid -> model name of every live Python-backend stub under ``server_pid``."""
+    return {pid: model for pid, (model, _) in python_stub_instances(server_pid).items()}
 
 
 def replaceable_in_place(groups: List[Dict[str, Any]]) -> bool:
@@ -104,9 +105,9 @@ class StubWatchdog(threading.Thread):
 
     tritonserver 2.51 never restarts a dead stub: the model stays READY and fails every request
     ("Stub process ... is not healthy") for ever. The watchdog polls the stubs' processes and, when one
-    is gone, unloads and loads its model through the repository API (the server runs in explicit
-    model-control mode), which starts a new stub in a few seconds. Meanwhile requests fail in ways the
-    client SDK retries.
+    is gone, replaces that instance in place through the repository API (the server runs in explicit
+    model-control mode) while the model's other instances serve; see the module docstring. A model whose
+    config does not allow that is unloaded and loaded.
     """
 
     def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.2,
@@ -140,18 +141,14 @@ class StubWatchdog(threading.Thread):
                     os.kill(pid, signal.SIGKILL)
         return {pid: model for pid, model in alive.items() if pid not in retired}
 
-    def _repository_call(self, model: str, action: str) -> None:
-        request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
+    def _repository_call(self, model: str, action: str, body: bytes = b"{}") -> None:
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/{action}", data=body,
                                          method="POST", headers={"Content-Type": "application/json", **self.headers})
         with urllib.request.urlopen(request, timeout=300) as response:
             response.read()
 
     def _load_with_config(self, model: str, config: Dict[str, Any]) -> None:
-        body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
-        request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/load", data=body,
-                                         method="POST", headers={"Content-Type": "application/json", **self.headers})
-        with urllib.request.urlopen(request, timeout=300) as response:
-            response.read()
+        self._repository_call(model, "load", json.dumps({"parameters": {"config": json.dumps(config)}}).encode())
 
     def _config(self, model: str) -> Dict[str, Any]:
         with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/config", timeout=10) as response:

@@ -82,6 +82,14 @@ def pad_stack(arrays: Sequence[np.ndarray], dtype: np.dtype = np.float32, value:
     return out
 
 
+def server_log(pb: Any, line: str, warning: bool = False) -> None:
+    """``line`` in this process's log and, through the stub's logger, in tritonserver's log."""
+    (log.warning if warning else log.info)(line)
+    logger = getattr(pb, "Logger", None)  # absent outside a stub
+    if logger is not None:
+        (logger.log_warn if warning else logger.log_info)(line)
+
+
 def request_deadline_ns(request: Any) -> Optional[int]:
     """The request's :data:`~vocos_triton.contract.DEADLINE_PARAMETER` (ns since the epoch), or None."""
     try:

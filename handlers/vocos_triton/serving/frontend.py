@@ -13,7 +13,6 @@ those of numpy's own FFT (see :mod:`.dfti`).
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
@@ -22,11 +21,9 @@ import numpy as np
 
 from .. import contract as c
 from ..contract import Tensor
-from .base import Outputs, RaggedBatchModel, Row
+from .base import Outputs, RaggedBatchModel, Row, server_log
 from .dfti import FftUnavailable
 from .melbank import MELBANK_FILE, MelBank
-
-log = logging.getLogger("vocos_triton.serving")
 
 #: a ragged batch of (L,) float32 audio -> each item's (100, 1 + L // 256) log-mel
 FrontEnd = Callable[[Sequence[np.ndarray]], List[np.ndarray]]
@@ -47,18 +44,13 @@ class MelFeaturesModel(RaggedBatchModel):
                 self.front_end: FrontEnd = MelBank.load(path)
                 return f"{path} (numpy, MKL FFT)"
             except (FileNotFoundError, FftUnavailable) as exc:
-                self.warn(f"{self.name}: serving model.pt with torch instead of the numpy front end: {exc}")
+                server_log(self.pb, f"{self.name}: serving model.pt with torch instead of the numpy front end: "
+                                    f"{exc}", warning=True)
         from .models import TorchScriptMelFeatures  # torch, imported only on this path
 
         front_end = TorchScriptMelFeatures(args, version_dir, int(self.float_parameter("torch_threads", 0)))
         self.front_end = front_end
         return front_end.description
-
-    def warn(self, line: str) -> None:
-        log.warning(line)
-        logger = getattr(self.pb, "Logger", None)  # the stub's logger writes into tritonserver's log
-        if logger is not None:
-            logger.log_warn(line)
 
     def warm_up(self) -> None:
         for _ in range(2):

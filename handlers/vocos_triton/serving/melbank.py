@@ -49,9 +49,6 @@ class MelBank:
     def n_mels(self) -> int:
         return self.filterbank.shape[1]
 
-    def output_frames(self, samples: int) -> int:
-        return 1 + samples // self.hop_length
-
     def frames(self, audio: np.ndarray) -> np.ndarray:
         """(L,) -> (1 + L // hop, n_fft): a read-only view of the reflect-padded item's frames (unwindowed)."""
         half = self.n_fft // 2

@@ -1,18 +1,16 @@
 """Base class of the models that run a TorchScript artifact (``model.pt``) with torch."""
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .base import Outputs, RaggedBatchModel
+from .base import Outputs, RaggedBatchModel, server_log
 from .kernels import KernelChoice, choose_linear_kernel, measure_once, switchable
 
 ARTIFACT = "model.pt"
-log = logging.getLogger("vocos_triton.serving")
 
 
 def set_quantized_engine() -> str:
@@ -53,11 +51,7 @@ def choose_and_log_kernel(module: torch.jit.ScriptModule, device: torch.device,
     # the instances of a model are stubs of the same tritonserver (their parent): one measures for all
     choice = measure_once(f"{os.getppid()}-{name}", lambda: choose_linear_kernel(module, args, model=name))
     module.set_linear_kernel(choice.kernel)
-    line = choice.log_line(name)
-    log.info(line)
-    logger = getattr(pb, "Logger", None)  # the stub's logger writes into tritonserver's log
-    if logger is not None:
-        logger.log_info(line)
+    server_log(pb, choice.log_line(name))
     return choice
 
 
