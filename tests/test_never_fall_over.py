@@ -149,12 +149,22 @@ async def _cancellation_burst(url: str, mel: np.ndarray, calls: int, deadline_s:
         await client.close()
 
 
-def test_cancellation_bursts_from_plain_tritonclient_never_reach_or_restart_tritonserver(server, reference_mel,
-                                                                                         speech_1s):
+def test_cancellation_bursts_from_plain_tritonclient_never_reach_or_restart_tritonserver(small_repository, tmp_path,
+                                                                                         reference_mel, speech_1s):
     """Bursts of long calls whose gRPC deadlines pass (each one a cancellation at the client) never make
     tritonserver see a cancellation (its 2.51 gRPC frontend can crash on one): the guard answers the
     clients, refuses what is beyond its in-flight bound, and the models skip the work whose deadline
-    passed. The same tritonserver process serves on."""
+    passed. The same tritonserver process serves on. (The guard's bound is 8 here, below what 40 calls that
+    arrive together need: with the default 32, whether calls are refused by it depends on how fast
+    tritonserver answers the first ones.)"""
+    server = small_server(small_repository, tmp_path, guard_max_in_flight=8).start()
+    try:
+        _bursts_never_reach_tritonserver(server, reference_mel, speech_1s)
+    finally:
+        server.stop()
+
+
+def _bursts_never_reach_tritonserver(server: TritonServer, reference_mel, speech_1s) -> None:
     pid = server.process.pid
     long_mel = np.zeros((100, 2_800), np.float32)  # about 30 s of audio each
     statuses: List[str] = []
@@ -162,13 +172,16 @@ def test_cancellation_bursts_from_plain_tritonclient_never_reach_or_restart_trit
         statuses += asyncio.run(_cancellation_burst(server.grpc_url, long_mel, calls=40, deadline_s=1.0))
     deadlines = [s for s in statuses if s.startswith("[StatusCode.DEADLINE_EXCEEDED]")]
     assert len(deadlines) >= 10, statuses  # deadlines passed, calls went
-    # 40 at once is more than the guard lets one model have upstream (32): the rest were refused as busy
+    # 40 at once is more than the guard lets one model have upstream (8 here): the rest were refused as busy
     refused = [s for s in statuses if "the gRPC guard's limit" in s]
     assert refused and all(s.startswith("[StatusCode.UNAVAILABLE]") for s in refused), statuses
     mel = ref.mel_features(reference_mel, speech_1s)
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:  # the next call is answered
-        result = client.infer(Model.VOCOS_MEL, make_inputs({"mel": mel}), client_timeout=60)
-    assert ref.max_error(result.as_numpy("waveform")[0], ref.mel_decode(reference_mel, mel)) <= 1e-4
+    # the next call is answered: through the SDK, which retries a full queue (right after a burst,
+    # tritonserver's queue still holds expired work until the forwards in progress end; make overload
+    # measures that single-attempt wait, see docs/performance.md)
+    with VocosClient(server.grpc_url, timeout=60) as client:
+        waveform = client.synthesize(mel=mel)
+    assert ref.max_error(waveform, ref.mel_decode(reference_mel, mel)) <= 1e-4
     assert server.process.pid == pid and server.process.poll() is None and not server.supervisor.restarts
     log = server.log_file.read_text(errors="replace")
     assert "Signal (11)" not in log

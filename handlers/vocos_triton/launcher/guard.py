@@ -48,6 +48,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from ..contract import DEADLINE_PARAMETER
+from .guard_process import MAX_IN_FLIGHT
 
 log = logging.getLogger("vocos_triton.launcher.guard")
 
@@ -60,8 +61,6 @@ QUEUE_MARGIN_S = 0.05
 #: an upstream call whose client has gone still gets this long before the guard stops waiting for it; it is
 #: only cancelled then (a server hung for minutes), never because a client left
 ORPHAN_LIMIT_S = 600.0
-#: inference calls one model may have upstream at once (see the module docstring)
-MAX_IN_FLIGHT = 32
 #: what a refused call is told: the words of tritonserver's own full queue, which clients already handle
 QUEUE_FULL = "Exceeds maximum queue size (the gRPC guard's limit of calls in flight for {model})"
 #: no limit on message sizes: tritonserver and the models enforce the contract's limits

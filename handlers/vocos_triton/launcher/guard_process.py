@@ -17,21 +17,25 @@ from .access import Tls
 
 #: where tritonserver's own gRPC listens when the guard is in front of it
 GUARD_UPSTREAM_HOST = "127.0.0.1"
+#: inference calls one model may have upstream at once (see vocos_triton.launcher.guard): what a model's
+#: queue of 16 and two instances of batches of 8 hold
+MAX_IN_FLIGHT = 32
 
 
 class GuardProcess:
     """``python -m vocos_triton.launcher.guard`` listening on ``host:port``, forwarding to ``upstream``."""
 
     def __init__(self, host: str, port: int, upstream: str, tls: Optional[Tls] = None,
-                 output: Optional[IO[bytes]] = None, grace_s: float = 4.0) -> None:
+                 output: Optional[IO[bytes]] = None, grace_s: float = 4.0, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.host, self.port, self.upstream, self.tls, self.output = host, port, upstream, tls, output
         self.grace_s = grace_s  # what calls in flight get after SIGTERM: the launcher's exit timeout
+        self.max_in_flight = max_in_flight
         self.process: Optional[subprocess.Popen] = None
 
     def command(self) -> List[str]:
         listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         args = [sys.executable, "-m", "vocos_triton.launcher.guard", "--listen", listen, "--upstream", self.upstream,
-                "--grace", f"{self.grace_s:g}"]
+                "--grace", f"{self.grace_s:g}", "--max-in-flight", str(self.max_in_flight)]
         if self.tls is not None:
             args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
             if self.tls.ca is not None:

@@ -49,7 +49,7 @@ from .access import (
     redact,
     restriction_args,
 )
-from .guard_process import GUARD_UPSTREAM_HOST, GuardProcess
+from .guard_process import GUARD_UPSTREAM_HOST, MAX_IN_FLIGHT, GuardProcess
 from .memory import group_members, stub_regions
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
 from .supervisor import ServerSupervisor, clean_up_group
@@ -244,6 +244,8 @@ class ServerOptions:
     # The public gRPC port is the guard (vocos_triton.launcher.guard), which keeps client cancellations from
     # tritonserver (2.51 can crash on them); False: tritonserver's own gRPC on the port (experiments only)
     guard: bool = True
+    # inference calls per model the guard lets into tritonserver at once; more are refused as busy
+    guard_max_in_flight: int = MAX_IN_FLIGHT
 
     @property
     def admin_key_path(self) -> Optional[Path]:
@@ -375,7 +377,8 @@ class TritonServer:
             self.relaunch(ready_timeout_s)
             if o.guard:
                 self.guard = GuardProcess(o.host, o.grpc_port, f"{GUARD_UPSTREAM_HOST}:{self.upstream_grpc_port}",
-                                          o.tls, self._log_handle, grace_s=o.exit_timeout_s)
+                                          o.tls, self._log_handle, grace_s=o.exit_timeout_s,
+                                          max_in_flight=o.guard_max_in_flight)
                 self.guard.start()
         except LaunchError:
             self.stop()
@@ -540,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-guard", action="store_true",
                         help="serve gRPC from tritonserver itself, without the guard that keeps client "
                              "cancellations from it (2.51 can crash on them; experiments only)")
+    parser.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT,
+                        help="inference calls per model the gRPC guard lets into tritonserver at once; more are "
+                             "refused at once as busy (UNAVAILABLE)")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--runtime-python", type=Path, default=default_runtime_python(),
                         help="python of the environment the stubs embed "
@@ -583,7 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runtime_python=args.runtime_python, tritonserver=args.tritonserver,
         metrics_config=tuple(args.metrics_config or DEFAULT_METRICS_CONFIG), admin_key_file=args.admin_key_file,
         admin_key=not args.no_admin_key, api_key_file=args.api_key_file, tls=tls,
-        restart_on_crash=not args.no_restart, guard=not args.no_guard))
+        restart_on_crash=not args.no_restart, guard=not args.no_guard, guard_max_in_flight=args.max_in_flight))
 
     stopping = []
 
