@@ -10,6 +10,9 @@ PIP := $(VENV)/bin/pip
 VOCOS_MEL ?= charactr/vocos-mel-24khz
 VOCOS_ENCODEC ?= charactr/vocos-encodec-24khz
 ENCODEC_CHECKPOINT ?=
+# More Vocos checkpoints served beside the default ones, any geometry: VARIANTS="NAME=SOURCE ...", each adding
+# models named <model>__NAME (docs/weights.md), e.g. VARIANTS="matcha-22k=/models/vocos-22khz".
+VARIANTS ?=
 # RANDOM_WEIGHTS=1: a loudly labelled demo with random-initialised weights (noise, not speech).
 RANDOM_WEIGHTS ?= 0
 # PRECISION=int8: opt-in int8 vocoders (CPU; faster, slightly lossy: docs/performance.md). fp32 is exact.
@@ -91,7 +94,8 @@ WEIGHT_ARGS := --mel '$(VOCOS_MEL)' --encodec '$(VOCOS_ENCODEC)' $(if $(ENCODEC_
 endif
 
 repository: install
-	$(PY) -m vocos_triton.build.export --output $(REPOSITORY) --precision $(PRECISION) $(WEIGHT_ARGS)
+	$(PY) -m vocos_triton.build.export --output $(REPOSITORY) --precision $(PRECISION) $(WEIGHT_ARGS) \
+	  $(foreach v,$(VARIANTS),--variant '$(v)')
 
 serve: repository runtime
 	$(PY) -m vocos_triton.launcher.server --model-repository $(REPOSITORY) --host $(HOST) \

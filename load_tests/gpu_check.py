@@ -197,7 +197,7 @@ def check_paths(client, reference_mel, reference_encodec, device) -> List[Check]
     """Every client path against the reference on ``device``, on speech of three lengths."""
     import torch
 
-    from vocos_triton.contract import BANDWIDTHS, SAMPLE_RATE, Bandwidth, Model
+    from vocos_triton.contract import BANDWIDTHS, MEL_24KHZ, Bandwidth, Model
     from vocos_triton.speech import speech_clip
 
     # named after the entry model each client path calls
@@ -205,21 +205,21 @@ def check_paths(client, reference_mel, reference_encodec, device) -> List[Check]
         Model.VOCOS_MEL, Model.RESYNTHESIZE_MEL, Model.RESYNTHESIZE_ENCODEC, Model.DECODE_CODES)
     checks = {name: Check(name) for name in (mel_path, resynth_mel, resynth_encodec, decode_codes)}
     with torch.inference_mode():
-        for i, samples in enumerate((SAMPLE_RATE, 50_001, 7_777)):
+        for i, samples in enumerate((MEL_24KHZ.sample_rate, 50_001, 7_777)):
             audio = speech_clip(samples, seed=40 + i)
             x = torch.from_numpy(audio)[None].to(device)
             mel = reference_mel.feature_extractor(x)
             got = client.synthesize(mel=mel[0].cpu().numpy())
             checks[mel_path].max_error = max(checks[mel_path].max_error,
                                              _error(got, reference_mel.decode(mel)[0].cpu().numpy()))
-            got = client.synthesize(audio=audio, sample_rate=SAMPLE_RATE)
+            got = client.synthesize(audio=audio, sample_rate=MEL_24KHZ.sample_rate)
             checks[resynth_mel].max_error = max(checks[resynth_mel].max_error,
                                                 _error(got, reference_mel(x)[0].cpu().numpy()))
             bandwidth = BANDWIDTHS[i % len(BANDWIDTHS)]
             bandwidth_id = torch.tensor([Bandwidth.parse(bandwidth).index], device=device)
             extractor = reference_encodec.feature_extractor
             extractor.encodec.set_target_bandwidth(bandwidth)
-            got = client.synthesize(audio=audio, sample_rate=SAMPLE_RATE, bandwidth=bandwidth)
+            got = client.synthesize(audio=audio, sample_rate=MEL_24KHZ.sample_rate, bandwidth=bandwidth)
             expected = reference_encodec(x, bandwidth_id=bandwidth_id)[0].cpu().numpy()
             checks[resynth_encodec].max_error = max(checks[resynth_encodec].max_error, _error(got, expected))
             codes = extractor.get_encodec_codes(x)[:, 0]
@@ -245,14 +245,14 @@ def inprocess_throughput(artifact: Path, device, batches: Sequence[int], seconds
     """Real-time factor of the TorchScript vocoder called directly on ``device``, per batch size."""
     import torch
 
-    from vocos_triton.contract import MEL_BINS, SAMPLE_RATE, mel_frames
+    from vocos_triton.contract import MEL_24KHZ
 
     module = torch.jit.load(str(artifact), map_location=device).eval()
-    frames = mel_frames(seconds * SAMPLE_RATE)
+    frames = MEL_24KHZ.frames(seconds * MEL_24KHZ.sample_rate)
     rows = []
     with torch.inference_mode():
         for batch in batches:
-            mel = torch.randn(batch, MEL_BINS, frames, device=device)
+            mel = torch.randn(batch, MEL_24KHZ.input_channels, frames, device=device)
             lengths = torch.full((batch,), frames, device=device)
             condition = torch.zeros(batch, dtype=torch.long, device=device)
             times = []
@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     from vocos_triton.build import checkpoints as ck
     from vocos_triton.build.export import build_repository
     from vocos_triton.build.random_checkpoints import write_all
-    from vocos_triton.contract import SAMPLE_RATE, Model
+    from vocos_triton.contract import MEL_24KHZ, Model
     from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port
     from vocos_triton.serving.torchscript import ARTIFACT
     from vocos_triton.speech import speech_clip
@@ -381,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
                      c.max_error, c.tolerance, f" {c.notes}" if c.notes else "")
         report["triton"] = {}
         for seconds in CLIP_SECONDS:
-            audio = torch.from_numpy(speech_clip(seconds * SAMPLE_RATE, seed=seconds))[None].to(device)
+            audio = torch.from_numpy(speech_clip(seconds * MEL_24KHZ.sample_rate, seed=seconds))[None].to(device)
             mel = reference_mel.feature_extractor(audio)[0].cpu().numpy()
             runs = report["triton"][f"{seconds} s clips"] = []
             for concurrency in CONCURRENCIES:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from vocos_triton.contract import SAMPLE_RATE, Model, Tensor
+from vocos_triton.contract import MEL_24KHZ, Model, Tensor
 from vocos_triton.launcher.guard_process import GUARD_UPSTREAM_HOST
 from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port
 from vocos_triton.speech import speech_clip
@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/guard"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    short, long = speech_clip(SAMPLE_RATE, seed=1), speech_clip(10 * SAMPLE_RATE, seed=2)
+    short, long = speech_clip(MEL_24KHZ.sample_rate, seed=1), speech_clip(10 * MEL_24KHZ.sample_rate, seed=2)
     options = ServerOptions(model_repository=args.repository.resolve(), grpc_port=free_port(),
                             http_port=free_port(), metrics_port=free_port(), build_dir=args.out / "triton")
     results: Dict[str, Dict[str, List[float]]] = {"guard": {}, "direct": {}}

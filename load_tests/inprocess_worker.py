@@ -22,18 +22,18 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 import torch
 
-from vocos_triton.contract import CODEBOOKS, Model
+from vocos_triton.contract import CODEBOOKS, ENCODEC_24KHZ, MEL_24KHZ, Model
 from vocos_triton.serving.allocator import hold_freed_memory
 from vocos_triton.serving.codebooks import TABLE_FILE, CodebookTable
 from vocos_triton.serving.kernels import choose_linear_kernel, switchable
-from vocos_triton.serving.models import encodec_vocoder_probe, mel_vocoder_probe
+from vocos_triton.serving.models import vocoder_probe
 from vocos_triton.serving.torchscript import ARTIFACT
 
 
 def choose_kernels(vocoders: Dict[str, torch.jit.ScriptModule]) -> str:
     """What the vocoder stubs do at load (vocos_triton.serving.kernels): time the Linear kernels, keep the faster."""
-    probes = {Model.VOCOS_MEL: mel_vocoder_probe, Model.VOCOS_ENCODEC: encodec_vocoder_probe}
-    return "; ".join(f"{name}: {choose_linear_kernel(module, probes[name](), model=name).describe()}"
+    probes = {Model.VOCOS_MEL: vocoder_probe(MEL_24KHZ, 0), Model.VOCOS_ENCODEC: vocoder_probe(ENCODEC_24KHZ, 2)}
+    return "; ".join(f"{name}: {choose_linear_kernel(module, probes[name], model=name).describe()}"
                      for name, module in vocoders.items() if switchable(module))
 
 

@@ -58,17 +58,13 @@ from vocos_triton.contract import (  # noqa: E402
     BANDWIDTHS,
     CODEBOOK_SIZE,
     CODEBOOKS,
+    ENCODEC_24KHZ,
     ENCODEC_HOP,
     ENTRY_MODELS,
-    MEL_HOP,
-    SAMPLE_RATE,
+    MEL_24KHZ,
     STREAM_MODELS,
     Model,
     Tensor,
-    encodec_frames,
-    encodec_waveform_samples,
-    mel_frames,
-    mel_waveform_samples,
 )
 from vocos_triton.speech import speech_clip  # noqa: E402
 
@@ -144,8 +140,8 @@ def clip_lengths(pool_size: int, min_seconds: float, max_seconds: float, seed: i
         raise ValueError(f"bad clip pool: size {pool_size}, {min_seconds:g}-{max_seconds:g} s")
     rng = np.random.default_rng(seed)
     seconds = np.geomspace(min_seconds, max_seconds, pool_size)
-    lengths = [int(s * SAMPLE_RATE) - int(rng.integers(0, 320)) for s in seconds]
-    return [max(length, SAMPLE_RATE // 2) for length in lengths]
+    lengths = [int(s * MEL_24KHZ.sample_rate) - int(rng.integers(0, 320)) for s in seconds]
+    return [max(length, MEL_24KHZ.sample_rate // 2) for length in lengths]
 
 
 class GeventSafeClient(grpcclient.InferenceServerClient):
@@ -232,14 +228,14 @@ def stream_input(kind: str, array: np.ndarray, bandwidth: Optional[np.ndarray], 
     """``array`` (C, T) as the chunk tensors of one stream (batch dimension added)."""
     frames = array.shape[1]
     step = frames if mode == "whole" else PACED_CHUNK_FRAMES
-    hop = MEL_HOP if kind == "mel" else ENCODEC_HOP
+    hop = MEL_24KHZ.hop_length if kind == "mel" else ENCODEC_HOP
     chunks, seconds = [], []
     for start in range(0, frames, step):
         piece = np.ascontiguousarray(array[None, :, start:start + step])
         tensors = {Tensor.MEL: piece} if kind == "mel" else {Tensor.CODES: piece, Tensor.BANDWIDTH: bandwidth[None]}
         chunks.append(tensors)
-        seconds.append(piece.shape[2] * hop / SAMPLE_RATE)
-    expected = mel_waveform_samples(frames) if kind == "mel" else encodec_waveform_samples(frames)
+        seconds.append(piece.shape[2] * hop / MEL_24KHZ.sample_rate)
+    expected = MEL_24KHZ.waveform_samples(frames) if kind == "mel" else ENCODEC_24KHZ.waveform_samples(frames)
     return StreamInput(STREAM_MODELS[kind], chunks, seconds, expected)
 
 
@@ -265,39 +261,39 @@ def build_pool(url: str, paths: Sequence[str], pool_size: int, min_seconds: floa
                            {path: [] for path in stream_paths})
         for audio in clips:
             length = audio.shape[0]
-            pool.input_seconds.append(length / SAMPLE_RATE)
+            pool.input_seconds.append(length / MEL_24KHZ.sample_rate)
             if need_mel:
                 result = client.infer(Model.MEL_FEATURES, make_inputs(audio=audio), client_timeout=timeout_s)
                 mel = np.ascontiguousarray(result.as_numpy(Tensor.MEL)[0], dtype=np.float32)
-                if mel.shape != (100, mel_frames(length)):
+                if mel.shape != (100, MEL_24KHZ.frames(length)):
                     raise RuntimeError(f"mel_features returned shape {mel.shape} for {length} samples")
             if Model.VOCOS_MEL in paths:
                 pool.requests[Model.VOCOS_MEL].append(
-                    PreparedRequest(make_inputs(mel=mel), mel_waveform_samples(mel.shape[1])))
+                    PreparedRequest(make_inputs(mel=mel), MEL_24KHZ.waveform_samples(mel.shape[1])))
             for path in stream_paths:
                 kind, mode = STREAM_PATHS[path]
                 if kind == "mel":
                     pool.streams[path].append(stream_input(kind, mel, None, mode))
                 else:  # one bandwidth per clip, in turn: every K is exercised
                     index = len(pool.streams[path]) % len(BANDWIDTHS)
-                    codes = rng.integers(0, CODEBOOK_SIZE, size=(CODEBOOKS[index], encodec_frames(length)),
+                    codes = rng.integers(0, CODEBOOK_SIZE, size=(CODEBOOKS[index], ENCODEC_24KHZ.frames(length)),
                                          dtype=np.int64)
                     pool.streams[path].append(stream_input(kind, codes, bandwidth_inputs[BANDWIDTHS[index]], mode))
             if Model.RESYNTHESIZE_MEL in paths:
                 pool.requests[Model.RESYNTHESIZE_MEL].append(
-                    PreparedRequest(make_inputs(audio=audio), mel_waveform_samples(mel_frames(length))))
-            frames = encodec_frames(length)
+                    PreparedRequest(make_inputs(audio=audio), MEL_24KHZ.waveform_samples(MEL_24KHZ.frames(length))))
+            frames = ENCODEC_24KHZ.frames(length)
             for bandwidth, k in zip(BANDWIDTHS, CODEBOOKS):
                 if Model.DECODE_CODES in paths:
                     # Random codes cost the vocoder exactly what real ones do; the values do not matter here.
                     codes = rng.integers(0, CODEBOOK_SIZE, size=(k, frames), dtype=np.int64)
                     pool.requests[Model.DECODE_CODES].append(PreparedRequest(
                         make_inputs(codes=codes, bandwidth=bandwidth_inputs[bandwidth]),
-                        encodec_waveform_samples(frames)))
+                        ENCODEC_24KHZ.waveform_samples(frames)))
                 if Model.RESYNTHESIZE_ENCODEC in paths:
                     pool.requests[Model.RESYNTHESIZE_ENCODEC].append(PreparedRequest(
                         make_inputs(audio=audio, bandwidth=bandwidth_inputs[bandwidth]),
-                        encodec_waveform_samples(frames)))
+                        ENCODEC_24KHZ.waveform_samples(frames)))
         return pool
     finally:
         client.close()
@@ -627,7 +623,7 @@ def streaming_summary(environment: Environment) -> List[dict]:
 
 
 def _summary_row(name: str, entry, wall_seconds: float) -> dict:
-    audio_seconds = entry.total_content_length / SAMPLE_RATE
+    audio_seconds = entry.total_content_length / MEL_24KHZ.sample_rate
     per_second = (lambda value: round(value / wall_seconds, 3)) if wall_seconds > 0 else (lambda value: 0.0)
     has_requests = entry.num_requests > 0
     return {
@@ -672,7 +668,7 @@ def _on_test_stop(environment: Environment, **_kwargs) -> None:
         target = Path(prefix)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.with_name(target.name + ".json").write_text(json.dumps(
-            {"wall_seconds": round(wall_seconds, 3), "sample_rate": SAMPLE_RATE, "retried": STATE.retried,
+            {"wall_seconds": round(wall_seconds, 3), "sample_rate": MEL_24KHZ.sample_rate, "retried": STATE.retried,
              "paths": rows, "streaming": streaming_summary(environment)}, indent=2) + "\n")
         with open(target.with_name(target.name + ".csv"), "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -56,7 +56,7 @@ from tritonclient.utils import InferenceServerException
 from vocos_client import DeadlineExceededError, ServerBusyError, VocosError
 from vocos_client._common import request_timeout_us
 from vocos_client._errors import from_triton
-from vocos_triton.contract import SAMPLE_RATE, Model, Tensor
+from vocos_triton.contract import MEL_24KHZ, Model, Tensor
 from vocos_triton.launcher.memory import process_tree, process_tree_pss
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
 from vocos_triton.launcher.watchdog import python_stubs
@@ -215,7 +215,7 @@ def server_pss_mb(pids: Sequence[int]) -> float:
 
 async def burst(client: aioclient.InferenceServerClient, pids: Sequence[int], n: int, clip_seconds: float,
                 deadline: float, probe: list, settle_s: float) -> Dict[str, float]:
-    long_audio = request_inputs(speech_clip(int(clip_seconds * SAMPLE_RATE), seed=3))
+    long_audio = request_inputs(speech_clip(int(clip_seconds * MEL_24KHZ.sample_rate), seed=3))
     pid = pids[0] if pids else None
     sampler = PssSampler(pids) if pid and settle_s > 0 else None
     before = server_pss_mb(pids) if pid else float("nan")
@@ -303,7 +303,7 @@ async def stub_kill(client: aioclient.InferenceServerClient, server: TritonServe
 
 async def scenario(args: argparse.Namespace, url: str, pids: Sequence[int], report: Report,
                    server: Optional[TritonServer]) -> None:
-    clip = request_inputs(speech_clip(int(args.clip_seconds * SAMPLE_RATE), seed=1))
+    clip = request_inputs(speech_clip(int(args.clip_seconds * MEL_24KHZ.sample_rate), seed=1))
     client = aioclient.InferenceServerClient(url)
     try:
         await call(client, clip, 120.0)  # warm-up

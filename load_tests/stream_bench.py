@@ -35,9 +35,9 @@ import tritonclient.grpc as grpcclient
 from vocos_client import VocosClient
 from vocos_client._stream import StreamSession
 from vocos_triton.contract import (
+    ENCODEC_24KHZ,
     ENCODEC_HOP,
-    MEL_HOP,
-    SAMPLE_RATE,
+    MEL_24KHZ,
     STREAM_MODELS,
     Bandwidth,
     Model,
@@ -58,7 +58,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def clip_inputs(url: str, seconds: float, seed: int = 10) -> Dict[str, Any]:
     """A clip of speech as the server's models see it: its (100, T) mel and its (8, T) codes at 6 kbps."""
-    audio = speech_clip(int(seconds * SAMPLE_RATE), seed=seed)
+    audio = speech_clip(int(seconds * MEL_24KHZ.sample_rate), seed=seed)
     client = grpcclient.InferenceServerClient(url)
     try:
         def infer(model: str, output: str, **tensors: np.ndarray) -> np.ndarray:
@@ -77,8 +77,8 @@ def clip_inputs(url: str, seconds: float, seed: int = 10) -> Dict[str, Any]:
         client.close()
     assert codes.shape[0] == Bandwidth.parse(BANDWIDTH).codebooks
     return {"mel": np.ascontiguousarray(mel, np.float32), "codes": np.ascontiguousarray(codes, np.int64),
-            "audio_seconds": {"mel": (mel.shape[1] - 1) * MEL_HOP / SAMPLE_RATE,
-                              "codes": codes.shape[1] * ENCODEC_HOP / SAMPLE_RATE}}
+            "audio_seconds": {"mel": (mel.shape[1] - 1) * MEL_24KHZ.hop_length / MEL_24KHZ.sample_rate,
+                              "codes": codes.shape[1] * ENCODEC_HOP / ENCODEC_24KHZ.sample_rate}}
 
 
 @dataclass
@@ -130,7 +130,7 @@ def paced_stream(triton: Any, clip: np.ndarray) -> List[float]:
     session = StreamSession(triton, STREAM_MODELS["mel"], timeout=120)
     chunks = [np.ascontiguousarray(clip[None, :, s:s + PACED_CHUNK_FRAMES])
               for s in range(0, clip.shape[1], PACED_CHUNK_FRAMES)]
-    interval = PACED_CHUNK_FRAMES * MEL_HOP / SAMPLE_RATE / PACED_SPEED
+    interval = PACED_CHUNK_FRAMES * MEL_24KHZ.hop_length / MEL_24KHZ.sample_rate / PACED_SPEED
     failed: List[BaseException] = []
 
     def send() -> None:

@@ -1,5 +1,6 @@
 """Session fixtures: random checkpoints in the upstream formats, the reference models built from
-them, a model repository exported from them, and one real tritonserver on free loopback ports."""
+them, a model repository exported from them (the default models and the test variants of other geometries),
+and one real tritonserver on free loopback ports."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import torch
 
 from vocos_triton.build import checkpoints as ck
 from vocos_triton.build.export import build_repository
-from vocos_triton.build.random_checkpoints import write_all
+from vocos_triton.build.random_checkpoints import write_all, write_test_variants
 from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port
 from vocos_triton.speech import speech_clip
 
@@ -53,9 +54,19 @@ def reference_encodec(encodec_vocos_checkpoint, encodec_checkpoint) -> torch.nn.
 
 
 @pytest.fixture(scope="session")
-def repository(tmp_path_factory, mel_checkpoint, encodec_vocos_checkpoint, encodec_checkpoint) -> Path:
+def variant_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, ck.VocosCheckpoint]:
+    """The test variants (22.05 kHz / 80 bins, 44.1 kHz / 128 bins / same / 768 x 12, a transformers-layout one),
+    by variant name."""
+    paths = write_test_variants(tmp_path_factory.mktemp("variant-checkpoints"), seed=0)
+    return {name: ck.load_vocos_checkpoint(str(path)) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory, mel_checkpoint, encodec_vocos_checkpoint, encodec_checkpoint,
+               variant_checkpoints) -> Path:
     output = tmp_path_factory.mktemp("model_repository")
-    build_repository(output, mel_checkpoint, encodec_vocos_checkpoint, encodec_checkpoint, random_weights=True)
+    build_repository(output, mel_checkpoint, encodec_vocos_checkpoint, encodec_checkpoint, random_weights=True,
+                     variants=sorted(variant_checkpoints.items()))
     return output
 
 

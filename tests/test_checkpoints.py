@@ -103,11 +103,32 @@ def test_wrong_config(checkpoint_paths, tmp_path):
 def test_config_that_disagrees_with_the_weights(checkpoint_paths, tmp_path):
     directory = _copy(checkpoint_paths["vocos_mel"], tmp_path)
     config = yaml.safe_load((directory / "config.yaml").read_text())
-    config["backbone"]["init_args"]["dim"] = 256
+    config["backbone"]["init_args"]["dim"] = config["head"]["init_args"]["dim"] = 256  # consistent, not the weights'
     (directory / "config.yaml").write_text(yaml.safe_dump(config))
     checkpoint = ck.load_vocos_checkpoint(str(directory))
-    with pytest.raises(ck.CheckpointError, match="does not match"):
+    with pytest.raises(ck.CheckpointError) as info:
         ck.build_reference_vocos(checkpoint)
+    assert str(info.value).startswith(f"{directory / 'pytorch_model.bin'}: does not match {directory / 'config.yaml'}: "
+                                      "shape mismatch: 'backbone.embed.weight' is (512, 100, 7) in the weights, "
+                                      "(256, 100, 7) for the config")
+
+
+def test_config_whose_backbone_and_head_disagree(checkpoint_paths, tmp_path):
+    directory = _copy(checkpoint_paths["vocos_mel"], tmp_path)
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    config["backbone"]["init_args"]["dim"] = 256
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ck.CheckpointError, match=r"config.yaml: head.init_args.dim is 512 but backbone.init_args.dim "
+                                                 r"is 256; the head projects the backbone's output"):
+        ck.load_vocos_checkpoint(str(directory))
+
+
+def test_default_checkpoints_geometry(mel_checkpoint, encodec_vocos_checkpoint):
+    from vocos_triton.contract import ENCODEC_24KHZ, MEL_24KHZ
+
+    assert mel_checkpoint.geometry == MEL_24KHZ and encodec_vocos_checkpoint.geometry == ENCODEC_24KHZ
+    assert ck.backbone_shape(mel_checkpoint) == {"dim": 512, "intermediate_dim": 1536, "num_layers": 8}
+    assert ck.backbone_shape(encodec_vocos_checkpoint) == {"dim": 384, "intermediate_dim": 1152, "num_layers": 8}
 
 
 def test_variant_mismatch(checkpoint_paths):

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 import soxr
 
+from vocos_client import VocosClient
 from vocos_client.cli import main
 from vocos_triton.launcher.server import free_port
 from vocos_triton.speech import SENTENCES, speech
@@ -201,3 +202,97 @@ def test_chunk_frames_needs_stream(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--url", f"127.0.0.1:{free_port()}", "mel", tmp_path / "mel.npy", "-o",
                            tmp_path / "x.wav", "--chunk-frames", "4")
     assert code == 2 and "--chunk-frames applies only with --stream" in err
+
+
+# -- variants (offline: a stand-in for the server's answers) ----------------------------------------------
+class FakeServerClient(VocosClient):
+    """The CLI's client, answered by test_client_offline's FakeTriton (SERVER: the default variant, a 22.05 kHz
+    80-bin mel variant ``matcha-22k``, an EnCodec variant ``bark``); streams yield one 0.5 s piece."""
+
+    fake = None
+
+    def _open(self) -> None:
+        super()._open()
+        self._client.close()
+        self._client = type(self).fake
+
+    def stream(self, **kwargs):
+        type(self).fake.calls.append(("stream", kwargs.get("variant")))
+        return iter([np.zeros(int(self.sample_rate_of(kwargs.get("variant")) / 2), np.float32)])
+
+
+@pytest.fixture
+def fake_server(monkeypatch):
+    from test_client_offline import SERVER, FakeTriton
+
+    from vocos_client import cli
+
+    FakeServerClient.fake = FakeTriton(SERVER)
+    monkeypatch.setattr(cli, "VocosClient", FakeServerClient)
+    return FakeServerClient.fake
+
+
+def test_list_variants(capsys, fake_server):
+    code, out, err = run_cli(capsys, "--list-variants")
+    assert code == 0 and err == ""
+    assert [line.split() for line in out.splitlines()] == [
+        ["default", "encodec", "24000", "Hz", "128", "ch", "hop", "320", "same", "lookahead", "29", "bandwidths",
+         "1.5,3,6,12"],
+        ["default", "mel", "24000", "Hz", "100", "ch", "hop", "256", "center", "lookahead", "29", "bandwidths", "-"],
+        ["bark", "encodec", "24000", "Hz", "128", "ch", "hop", "320", "same", "lookahead", "-", "bandwidths", "6"],
+        ["matcha-22k", "mel", "22050", "Hz", "80", "ch", "hop", "256", "center", "lookahead", "12", "bandwidths", "-"],
+    ]
+    assert len({line.index("Hz") for line in out.splitlines()}) == 1  # aligned columns
+
+
+def test_variant_output_is_written_at_the_variants_rate(capsys, tmp_path, fake_server):
+    np.save(tmp_path / "mel80.npy", np.zeros((80, 20), np.float32))
+    code, out, err = run_cli(capsys, "mel", tmp_path / "mel80.npy", "-o", tmp_path / "offline.wav", "--variant",
+                             "matcha-22k")
+    assert code == 0, err
+    assert sf.info(tmp_path / "offline.wav").samplerate == 22050
+    assert ("infer", "vocos_mel__matcha-22k", {"mel": (1, 80, 20)}) in fake_server.calls
+    code, out, err = run_cli(capsys, "--variant", "matcha-22k", "mel", tmp_path / "mel80.npy", "-o",
+                             tmp_path / "streamed.wav", "--stream")
+    assert code == 0, err
+    assert sf.info(tmp_path / "streamed.wav").samplerate == 22050 and sf.info(tmp_path / "streamed.wav").frames == 11025
+    assert ("stream", "matcha-22k") in fake_server.calls and "0.50 s of audio" in err
+    # audio in: resampled by the client to the variant's rate
+    sf.write(tmp_path / "in16k.wav", np.zeros(16000, np.float32), 16000)
+    code, out, err = run_cli(capsys, "-q", "resynth", tmp_path / "in16k.wav", "-o", tmp_path / "resynth.wav",
+                             "--variant", "matcha-22k")
+    assert code == 0, err
+    assert ("infer", "resynthesize_mel__matcha-22k", {"audio": (1, 22050)}) in fake_server.calls
+    # an EnCodec variant: codes in, its rate out; a bandwidth it does not serve is refused before sending
+    np.save(tmp_path / "codes.npy", np.zeros((8, 20), np.int16))
+    code, out, err = run_cli(capsys, "-q", "codes", tmp_path / "codes.npy", "-o", tmp_path / "bark.wav", "--variant",
+                             "bark")
+    assert code == 0, err
+    assert sf.info(tmp_path / "bark.wav").samplerate == 24000
+    # looked up once (the rate to write at comes from the same lookup)
+    assert fake_server.calls[-2:] == [("config", "vocos_encodec__bark"),
+                                      ("infer", "decode_codes__bark", {"codes": (1, 8, 20), "bandwidth": (1, 1)})]
+    np.save(tmp_path / "codes4.npy", np.zeros((4, 20), np.int16))
+    code, out, err = run_cli(capsys, "codes", tmp_path / "codes4.npy", "-o", tmp_path / "x.wav", "--variant", "bark")
+    assert code == 2 and "codes: 4 codebooks are 3 kbps, which this model does not serve; it serves 6 kbps" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["mel", "mel80.npy", "-o", "x.wav", "--variant", "nope"],
+     "mel80.npy: variant: the server has no mel variant 'nope' (no model vocos_mel__nope); it has: "
+     "default (mel, encodec), bark (encodec), matcha-22k (mel)"),
+    (["mel", "mel80.npy", "-o", "x.wav", "--variant", "nope", "--stream"],
+     "variant: the server has no mel variant 'nope'"),
+    (["mel", "mel80.npy", "-o", "x.wav", "--variant", "Bad Name"], "variant name 'Bad Name': expected lower-case"),
+    (["mel", "mel80.npy", "-o", "x.wav"], "mel80.npy: mel: expected 100 mel bins, got 80"),
+    (["--list-variants", "ready"], "--list-variants takes no command (got ready)"),
+    ([], "the following arguments are required: {resynth,codes,mel,ready}"),
+])
+def test_variant_errors_exit_2_in_one_line(capsys, tmp_path, monkeypatch, fake_server, argv, message):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "mel80.npy", np.zeros((80, 20), np.float32))
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("vocos-client: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert not (tmp_path / "x.wav").exists()

@@ -25,7 +25,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from vocos_triton.contract import BANDWIDTHS, CODEBOOK_SIZE, CODEBOOKS, FEATURE_DIM, MEL_BINS, Model, Tensor
+from vocos_triton.contract import BANDWIDTHS, CODEBOOK_SIZE, CODEBOOKS, ENCODEC_24KHZ, MEL_24KHZ, Model, Tensor
 from vocos_triton.launcher.watchdog import python_stubs
 
 from triton_helpers import make_inputs
@@ -54,12 +54,12 @@ def valid_inputs(model: str, rng: np.random.Generator, frames: int) -> Inputs:
     if model in (Model.ENCODEC_ENCODER, Model.RESYNTHESIZE_ENCODEC):
         return {Tensor.AUDIO: audio, Tensor.BANDWIDTH: np.array([[kbps]], np.float32)}
     if model == Model.VOCOS_MEL:
-        return {Tensor.MEL: rng.standard_normal((1, MEL_BINS, frames + 2)).astype(np.float32)}
+        return {Tensor.MEL: rng.standard_normal((1, MEL_24KHZ.input_channels, frames + 2)).astype(np.float32)}
     if model in (Model.ENCODEC_EMBEDDING, Model.DECODE_CODES):
         return {Tensor.CODES: rng.integers(0, CODEBOOK_SIZE, (1, k, frames + 1)).astype(np.int64),
                 Tensor.BANDWIDTH: np.array([[kbps]], np.float32)}
     if model == Model.VOCOS_ENCODEC:
-        return {Tensor.FEATURES: rng.standard_normal((1, FEATURE_DIM, frames + 1)).astype(np.float32),
+        return {Tensor.FEATURES: rng.standard_normal((1, ENCODEC_24KHZ.input_channels, frames + 1)).astype(np.float32),
                 Tensor.BANDWIDTH_ID: np.array([[k // 4 if k > 2 else 0]], np.int64).clip(0, 3)}
     raise AssertionError(model)
 
@@ -252,7 +252,7 @@ class FuzzStream:
 
 def stream_chunk(model: str, rng: np.random.Generator, kbps: float, frames: int) -> Inputs:
     if model == Model.VOCOS_MEL_STREAM:
-        return {Tensor.MEL: rng.standard_normal((1, MEL_BINS, frames)).astype(np.float32)}
+        return {Tensor.MEL: rng.standard_normal((1, MEL_24KHZ.input_channels, frames)).astype(np.float32)}
     k = CODEBOOKS[BANDWIDTHS.index(kbps)]
     return {Tensor.CODES: rng.integers(0, CODEBOOK_SIZE, (1, k, frames)).astype(np.int64),
             Tensor.BANDWIDTH: np.array([[kbps]], np.float32)}
@@ -279,7 +279,7 @@ def bad_chunk(model: str, rng: np.random.Generator, kbps: float) -> Inputs:
 
 def valid_stream(url: str, rng_seed: int) -> np.ndarray:
     rng = np.random.default_rng(rng_seed)
-    mel = rng.standard_normal((1, MEL_BINS, 90)).astype(np.float32)
+    mel = rng.standard_normal((1, MEL_24KHZ.input_channels, 90)).astype(np.float32)
     stream = FuzzStream(url)
     try:
         for i, (a, b) in enumerate([(0, 7), (7, 50), (50, 90)]):

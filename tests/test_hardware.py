@@ -19,7 +19,7 @@ from vocos_triton.build import export
 from vocos_triton.build.export import ARTIFACT, PROVENANCE, ParityError, build_repository, pad_batch
 from vocos_triton.build.half import halve_vocoder
 from vocos_triton.build.quantize import fidelity, quantize_vocoder
-from vocos_triton.contract import SAMPLE_RATE
+from vocos_triton.contract import MEL_24KHZ
 from vocos_triton.launcher.runtime import default_runtime_python
 from vocos_triton.modules.vocoder import ATEN, LINEAR_KERNELS, ONEDNN, BatchedVocos, check_linear_kernel
 from vocos_triton.serving import kernels
@@ -84,9 +84,10 @@ def test_frozen_streaming_artifact_switches_its_linear_kernel_and_both_equal_the
 
 def test_measured_choice_keeps_the_faster_kernel_unless_within_the_margin(repository):
     vocoder = torch.jit.load(str(repository / "vocos_encodec" / "1" / ARTIFACT)).eval()
-    from vocos_triton.serving.models import encodec_vocoder_probe
+    from vocos_triton.contract import ENCODEC_24KHZ
+    from vocos_triton.serving.models import vocoder_probe
 
-    choice = kernels.choose_linear_kernel(vocoder, encodec_vocoder_probe(), rounds=2, env={})
+    choice = kernels.choose_linear_kernel(vocoder, vocoder_probe(ENCODEC_24KHZ, 2), rounds=2, env={})
     assert choice.how == "measured" and set(choice.seconds) == set(LINEAR_KERNELS)
     beaten = choice.seconds[ATEN] < choice.seconds[ONEDNN] * (1 - kernels.MARGIN)
     assert choice.kernel == (ATEN if beaten else ONEDNN) == vocoder.linear_kernel()
@@ -205,13 +206,13 @@ def test_cpu_info_names_the_cpu_and_its_vector_isa():
 def test_vocoder_flops_match_torchs_flop_counter(reference_mel, reference_encodec):
     """Counted from the layers' shapes; torch's counter, run on a real decode, must agree (it has no FFT)."""
     for vocos, features in ((reference_mel, torch.randn(1, 100, 200)), (reference_encodec, torch.randn(1, 128, 200))):
-        counted = roofline.vocoder_flops(vocos, SAMPLE_RATE)
+        counted = roofline.vocoder_flops(vocos, MEL_24KHZ.sample_rate)
         counter = FlopCounterMode(display=False)
         with counter, torch.inference_mode():
             vocos.decode(features, bandwidth_id=torch.tensor([0]))
         per_frame = counter.get_total_flops() / features.shape[-1]
         assert per_frame == pytest.approx(counted["per_frame"] * (1 - counted["fft_share"]), rel=1e-3)
-        assert counted["per_audio_second"] == pytest.approx(counted["per_frame"] * SAMPLE_RATE
+        assert counted["per_audio_second"] == pytest.approx(counted["per_frame"] * MEL_24KHZ.sample_rate
                                                             / vocos.head.istft.hop_length)
 
 

@@ -16,7 +16,7 @@ import pytest
 import soxr
 import torch
 
-from vocos_triton.contract import Model, mel_frames
+from vocos_triton.contract import MEL_24KHZ, Model
 from vocos_triton.launcher.runtime import default_runtime_python
 from vocos_triton.modules.features import MelFeatures
 from vocos_triton.serving import dfti
@@ -76,7 +76,7 @@ def test_numpy_front_end_equals_torchscript_and_reference(bank, module, referenc
     scripted = torch.jit.script(module)
     for audio in clips:
         mel = bank.features(audio)
-        assert mel.dtype == np.float32 and mel.shape == (100, mel_frames(audio.shape[0]))
+        assert mel.dtype == np.float32 and mel.shape == (100, MEL_24KHZ.frames(audio.shape[0]))
         assert ref.max_error(mel, ref.mel_features(reference_mel, audio)) <= TOLERANCE
         assert ref.max_error(mel, _script(scripted, audio)) <= TOLERANCE
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vocos_triton.build.export import pad_batch
-from vocos_triton.contract import BANDWIDTHS, CODEBOOKS, encodec_frames, mel_frames
+from vocos_triton.contract import BANDWIDTHS, CODEBOOKS, ENCODEC_24KHZ, MEL_24KHZ
 from vocos_triton.modules.encoder import EncodecEncoder
 from vocos_triton.modules.features import MelFeatures
 from vocos_triton.modules.vocoder import BatchedVocos
@@ -55,7 +55,7 @@ def _lengths(values: List[int]) -> torch.Tensor:
 def run_mel_features(module, clips):
     with torch.inference_mode():
         out = module(_t(clips), _lengths([c.shape[0] for c in clips])).numpy()
-    return [out[i, :, : mel_frames(c.shape[0])] for i, c in enumerate(clips)]
+    return [out[i, :, : MEL_24KHZ.frames(c.shape[0])] for i, c in enumerate(clips)]
 
 
 def run_vocos(module, features, conditions):
@@ -69,7 +69,7 @@ def run_vocos(module, features, conditions):
 def run_encoder(module, clips, codebooks):
     with torch.inference_mode():
         out = module(_t(clips), _lengths([c.shape[0] for c in clips]), _lengths(codebooks)).numpy()
-    return [out[i, :k, : encodec_frames(c.shape[0])] for i, (c, k) in enumerate(zip(clips, codebooks))]
+    return [out[i, :k, : ENCODEC_24KHZ.frames(c.shape[0])] for i, (c, k) in enumerate(zip(clips, codebooks))]
 
 
 def run_embedding(table, codes):

@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from vocos_triton.contract import BANDWIDTHS, CODEBOOKS, Limits, Model, mel_frames
+from vocos_triton.contract import (
+    BANDWIDTHS,
+    CODEBOOKS,
+    DEFAULT_VARIANT,
+    ENCODEC_24KHZ,
+    MEL_24KHZ,
+    Limits,
+    Model,
+    split_model_name,
+)
 from vocos_triton.launcher import metrics
 from vocos_triton.launcher.profiles import load_config
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
@@ -30,7 +39,7 @@ SOLO_TOLERANCE = 1e-5
 class TestParityOverGrpc:
     def test_mel_features(self, grpc_client, reference_mel, speech_3s):
         mel = infer(grpc_client, "mel_features", output="mel", audio=speech_3s)
-        assert mel.shape == (100, mel_frames(speech_3s.shape[0]))
+        assert mel.shape == (100, MEL_24KHZ.frames(speech_3s.shape[0]))
         assert ref.max_error(mel, ref.mel_features(reference_mel, speech_3s)) <= TOLERANCE
 
     def test_vocos_mel(self, grpc_client, reference_mel, speech_3s):
@@ -133,12 +142,13 @@ BAD_INPUTS = {
     "wrong rank": ("vocos_mel", {"mel": MEL[0]}, True, "mel", "unexpected shape"),
     "wrong channel count": ("vocos_mel", {"mel": np.zeros((80, 50), np.float32)}, True, "mel", "[-1,100,-1]"),
     "mel too short": ("vocos_mel", {"mel": MEL[:, :1].copy()}, True, "mel", "expected at least 2 frames, got 1"),
-    "mel too long": ("vocos_mel", {"mel": np.zeros((100, mel_frames(Limits(60).max_samples) + 1), np.float32)}, True,
-                     "mel", "never truncated"),
+    "mel too long": ("vocos_mel",
+                     {"mel": np.zeros((100, MEL_24KHZ.frames(Limits(60).max_samples(MEL_24KHZ)) + 1), np.float32)},
+                     True, "mel", "never truncated"),
     "empty audio": ("resynthesize_mel", {"audio": AUDIO[:0]}, True, "audio", "got an empty audio"),
     "audio too short for the mel": ("mel_features", {"audio": AUDIO[:512]}, True, "audio", "at least 513 samples"),
     "audio too long": ("resynthesize_encodec",
-                       {"audio": np.zeros(Limits(60).max_samples + 1, np.float32), "bandwidth": BW6},
+                       {"audio": np.zeros(Limits(60).max_samples(ENCODEC_24KHZ) + 1, np.float32), "bandwidth": BW6},
                        True, "audio", "at most 1440000 samples (60 s)"),
     "NaN audio": ("resynthesize_mel", {"audio": np.where(np.arange(4_800) == 7, np.nan, AUDIO).astype(np.float32)},
                   True, "audio", "got NaN at index [7]"),
@@ -217,14 +227,19 @@ def test_stubs_run_in_the_serving_runtime_and_the_embedding_without_torch(triton
     embedding and mel front end map no torch at all: the memory the lean runtime is for."""
     runtime = triton.runtime
     stubs = python_stubs(triton.process.pid)
-    python_models = [Model.ENCODEC_EMBEDDING, Model.ENCODEC_ENCODER, Model.MEL_FEATURES, Model.VOCOS_ENCODEC,
-                     Model.VOCOS_MEL, Model.VOCOS_MEL_STREAM, Model.DECODE_CODES_STREAM]
-    # one stub per instance: the batched models run two (docs/architecture.md), the streaming ones one
-    instances = {m: sum(g.count for g in load_config(triton.options.model_repository / m / "config.pbtxt")
-                        .instance_group) for m in python_models}
+    configs = {path.parent.name: load_config(path)
+               for path in triton.options.model_repository.glob("*/config.pbtxt")}
+    python_models = [name for name, config in configs.items() if config.backend == "python"]
+    assert {Model.ENCODEC_EMBEDDING, Model.ENCODEC_ENCODER, Model.MEL_FEATURES, Model.VOCOS_ENCODEC, Model.VOCOS_MEL,
+            Model.VOCOS_MEL_STREAM, Model.DECODE_CODES_STREAM} <= set(python_models)
+    # one stub per instance: the default variant's batched models run two (docs/architecture.md), the streaming
+    # ones and every model of a variant one
+    instances = {m: sum(g.count for g in configs[m].instance_group) for m in python_models}
     assert Counter(stubs.values()) == instances
     assert instances[Model.VOCOS_MEL] == 2 and instances[Model.VOCOS_MEL_STREAM] == 1
-    for pid, model in stubs.items():
+    assert all(count == 1 for m, count in instances.items() if split_model_name(m)[1] != DEFAULT_VARIANT)
+    for pid, name in stubs.items():
+        model = split_model_name(name)[0]
         libraries = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
                      if "libtorch_cpu.so" in line}
         if model in (Model.ENCODEC_EMBEDDING, Model.MEL_FEATURES):  # numpy (and MKL's FFT) only

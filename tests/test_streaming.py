@@ -17,7 +17,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from vocos_triton.contract import MEL_HOP, Limits, Model, Tensor, mel_waveform_samples
+from vocos_triton.contract import MEL_24KHZ, Limits, Model, Tensor
 from vocos_triton.launcher.memory import pss_kb
 from vocos_triton.launcher.watchdog import python_stubs
 from vocos_triton.modules.streaming import StreamingVocos, decode_in_chunks, piece_bounds
@@ -170,7 +170,7 @@ def test_published_lookahead_is_exact(variant, reference_mel, reference_encodec,
     reference = reference_mel if variant == "mel" else reference_encodec
     with full_layer_scale(reference):
         if variant == "mel":
-            features, hop, condition = speech_mel, MEL_HOP, 0
+            features, hop, condition = speech_mel, MEL_24KHZ.hop_length, 0
 
             def decode(x):
                 return ref.mel_decode(reference, x)
@@ -289,7 +289,7 @@ def test_served_mel_stream_equals_vocos_mel_and_the_reference(triton, grpc_clien
     assert not errors
     for sequence_id, name in enumerate(cases, start=1):
         audio = np.concatenate(pieces[sequence_id])
-        assert audio.shape == (mel_waveform_samples(mel.shape[1]),), name
+        assert audio.shape == (MEL_24KHZ.waveform_samples(mel.shape[1]),), name
         assert ref.max_error(audio, offline) <= 1e-5, name
         assert ref.max_error(audio, reference) <= 1e-4, name
 
@@ -376,7 +376,7 @@ def test_a_chunk_for_a_sequence_that_never_started_is_refused(stream, speech_mel
 
 
 def test_a_sequence_is_refused_at_the_chunk_that_crosses_the_limit(stream):
-    limit = Limits().max_mel_frames
+    limit = Limits().max_frames(MEL_24KHZ)
     silence = np.full((100, limit), -11.5, np.float32)
     stream.send(Model.VOCOS_MEL_STREAM, 61, True, False, **{Tensor.MEL: silence[:, : limit - 10]})
     stream.send(Model.VOCOS_MEL_STREAM, 61, False, False, **{Tensor.MEL: silence[:, :11]})
@@ -385,7 +385,7 @@ def test_a_sequence_is_refused_at_the_chunk_that_crosses_the_limit(stream):
     stream.send(Model.VOCOS_MEL_STREAM, 61, False, True, **{Tensor.MEL: silence[:, :10]})
     more, errors = _error_of(stream, 1)
     assert not errors
-    assert sum(p.shape[0] for p in pieces.get(61, []) + more[61]) == mel_waveform_samples(limit)
+    assert sum(p.shape[0] for p in pieces.get(61, []) + more[61]) == MEL_24KHZ.waveform_samples(limit)
 
 
 def test_a_too_short_sequence_is_refused_at_its_end(stream, speech_mel):
@@ -399,7 +399,7 @@ def test_first_audio_of_a_long_chunk_leaves_before_the_chunk_is_done(stream, spe
     stream.send(Model.VOCOS_MEL_STREAM, 63, True, True, **{Tensor.MEL: speech_mel})
     pieces, errors = _error_of(stream)
     assert not errors and len(pieces[63]) >= 3
-    assert sum(p.shape[0] for p in pieces[63]) == mel_waveform_samples(speech_mel.shape[1])
+    assert sum(p.shape[0] for p in pieces[63]) == MEL_24KHZ.waveform_samples(speech_mel.shape[1])
 
 
 def test_a_backlog_of_small_chunks_is_run_in_whole_pieces(grpc_client, stream, speech_mel):

@@ -1,4 +1,4 @@
-"""Client SDK for Vocos on Triton: 24 kHz speech from mel features, audio or EnCodec codes, over gRPC.
+"""Client SDK for Vocos on Triton: speech from mel features, audio or EnCodec codes, over gRPC.
 
 >>> from vocos_client import VocosClient
 >>> with VocosClient("localhost:8001") as vc:
@@ -9,11 +9,17 @@
 ...     ys = vc.synthesize_batch(mels)                                 # concurrent -> server-side batches
 ...     for piece in vc.stream(mel=chunks):                            # streaming: an array, or chunks as
 ...         play(piece)                                                # they are made; exact pieces, in order
+...     vc.variants()                                                  # the checkpoints the server holds
+...     y = vc.synthesize(mel=mel80, variant="matcha-22k")             # a named variant: its own geometry
 
-Every result is float32 mono audio of shape (samples,) at ``vc.sample_rate`` (24000). Needs numpy,
-tritonclient[grpc], soxr (resampling), and for the CLI soundfile and tqdm; never torch.
+Every result is float32 mono audio of shape (samples,) at the variant's sample rate:
+``vc.sample_rate_of(variant, kind)`` as the server publishes it; ``vc.sample_rate`` (24000) is the default
+variant's nominal rate (the charactr checkpoints). Needs numpy, tritonclient[grpc], soxr (resampling),
+and for the CLI soundfile and tqdm; never torch.
 """
 from __future__ import annotations
+
+from vocos_triton.contract import Geometry
 
 from ._aio import AsyncVocosClient
 from ._client import VocosClient
@@ -27,6 +33,7 @@ from ._errors import (
     VocosError,
 )
 from ._inputs import MODELS, SAMPLE_RATE, pcm_to_float32, resample
+from ._variants import Variant
 
 __version__ = "0.1.0"
 
@@ -40,6 +47,8 @@ __all__ = [
     "PermissionDeniedError",
     "DeadlineExceededError",
     "ServerError",
+    "Variant",
+    "Geometry",
     "SAMPLE_RATE",
     "MODELS",
     "pcm_to_float32",

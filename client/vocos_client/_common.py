@@ -14,15 +14,17 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vocos_triton.contract import Access
+from vocos_triton.contract import DEFAULT_GEOMETRY, DEFAULT_VARIANT, Access, Geometry, split_model_name
 
 from ._errors import InvalidInputError, ServerError, ServerUnavailableError, VocosError
-from ._inputs import MODELS, OUTPUT, SAMPLE_RATE, Limits, Request, prepare
+from ._inputs import MODELS, OUTPUT, SAMPLE_RATE, Limits, Request, call_kind, prepare
+from ._variants import GeometryCache, is_missing_model, normalize_variant
 
 log = logging.getLogger("vocos_client")
 
 PathOrStr = Union[str, "PathLike[str]"]
-#: A batch item: a mel array (``(100, T)``) or a dict of :meth:`VocosClient.synthesize` keywords.
+#: A batch item: a mel array (``(C, T)``) or a dict of :meth:`VocosClient.synthesize` keywords (``variant``
+#: included).
 BatchItem = Union[np.ndarray, Sequence[Any], Mapping[str, Any]]
 
 _INT32_MAX = 2**31 - 1
@@ -262,7 +264,8 @@ class ClientBase:
     transport in :meth:`_open`.
     """
 
-    #: Sample rate of every waveform the models return.
+    #: The default variant's nominal sample rate (24000 Hz, the charactr checkpoints'), kept for
+    #: compatibility. What a variant really returns is what the server publishes: :meth:`sample_rate_of`.
     sample_rate: int = SAMPLE_RATE
 
     def __init__(
@@ -284,10 +287,18 @@ class ClientBase:
                                      root_certificates=root_certificates, private_key=private_key,
                                      certificate_chain=certificate_chain, validate=validate,
                                      max_seconds=max_seconds, api_key=api_key)
+        #: geometries learnt from the server, per (variant, kind)
+        self._geometries = GeometryCache()
         self._open()
 
     def _open(self) -> None:
         """Set up the client's transport state (called once, at the end of ``__init__``)."""
+
+    def _refused(self, request: Request, error: InvalidInputError) -> None:
+        """The server refused a request the local checks passed: the geometry learnt for its variant may
+        be stale (the server was rebuilt), so it is asked again on the next call. The error is raised as is."""
+        if error.status is not None and self._options.validate:
+            self._geometries.forget(split_model_name(request.model)[1])
 
     @property
     def url(self) -> str:
@@ -369,29 +380,108 @@ def waveform(result: Any, model: str) -> np.ndarray:
     return np.ascontiguousarray(array[0], dtype=np.float32)
 
 
+#: the keys a batch item (a dict) may have
+BATCH_KEYS = ("mel", "audio", "sample_rate", "bandwidth", "codes", "variant")
+
+
 def batch_kwargs(item: BatchItem) -> Dict[str, Any]:
     """A batch item as ``synthesize`` keywords: a mapping as is, anything else as ``mel=``."""
     if isinstance(item, Mapping):
-        unknown = set(item) - {"mel", "audio", "sample_rate", "bandwidth", "codes"}
+        unknown = set(item) - set(BATCH_KEYS)
         if unknown:
-            raise InvalidInputError(f"unexpected keys {sorted(unknown)}; expected mel, audio, sample_rate, "
-                                    "bandwidth, codes")
+            raise InvalidInputError(f"unexpected keys {sorted(unknown)}; expected {', '.join(BATCH_KEYS)}")
         return dict(item)
     return {"mel": item}
 
 
-def prepare_batch(options: Options, items: Sequence[BatchItem],
-                  return_exceptions: bool) -> List[Union[Request, VocosError]]:
-    """Prepare every item before anything is sent; errors name the item (``item 3: mel: ...``)."""
-    prepared: List[Union[Request, VocosError]] = []
+@dataclass(frozen=True)
+class Call:
+    """A ``synthesize`` call checked at the call level: its keywords (``variant`` apart), the variant's name
+    and the kind of vocoder it needs (so the geometry to look up)."""
+
+    kwargs: Dict[str, Any]
+    variant: str
+    kind: str
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        return self.variant, self.kind
+
+    @classmethod
+    def make(cls, variant: Optional[str] = None, **kwargs: Any) -> Call:
+        """:class:`InvalidInputError` for a malformed call (not one input, a bad variant name)."""
+        kind = call_kind(mel=kwargs.get("mel"), audio=kwargs.get("audio"), codes=kwargs.get("codes"),
+                         bandwidth=kwargs.get("bandwidth"))
+        return cls(kwargs, normalize_variant(variant), kind)
+
+    def prepare(self, options: Options, geometry: Geometry) -> Request:
+        return options.prepare(geometry=geometry, variant=self.variant, **self.kwargs)
+
+
+def batch_calls(items: Sequence[BatchItem], variant: Optional[str] = None) -> List[Union[Call, VocosError]]:
+    """Each item as a :class:`Call` (its own ``"variant"`` unless ``None``, else ``variant``), or its error
+    (``item 3: ...``)."""
+    calls: List[Union[Call, VocosError]] = []
     for index, item in enumerate(items):
         try:
-            prepared.append(options.prepare(**batch_kwargs(item)))
+            kwargs = batch_kwargs(item)
+            own = kwargs.pop("variant", None)
+            calls.append(Call.make(variant if own is None else own, **kwargs))
         except VocosError as exc:
-            if not return_exceptions:
-                raise exc.for_item(index) from exc
-            prepared.append(exc.for_item(index))
+            calls.append(exc.for_item(index))
+    return calls
+
+
+def geometry_keys(calls: Sequence[Union[Call, VocosError]]) -> List[Tuple[str, str]]:
+    """The (variant, kind) pairs whose geometry the calls need, each once, in order."""
+    return list(dict.fromkeys(call.key for call in calls if isinstance(call, Call)))
+
+
+def prepare_batch(options: Options, calls: Sequence[Union[Call, VocosError]],
+                  geometries: Mapping[Tuple[str, str], Union[Geometry, VocosError]],
+                  return_exceptions: bool) -> List[Union[Request, VocosError]]:
+    """Prepare every item before anything is sent, with the geometries looked up for the calls (or the error
+    of that lookup); errors name the item (``item 3: mel: ...``). Unless ``return_exceptions``, the lowest
+    failing item's error is raised."""
+    prepared: List[Union[Request, VocosError]] = []
+    for index, call in enumerate(calls):
+        if isinstance(call, Call):
+            try:
+                geometry = geometries[call.key]
+                if isinstance(geometry, VocosError):
+                    raise geometry
+                prepared.append(call.prepare(options, geometry))
+                continue
+            except VocosError as exc:
+                call = exc.for_item(index)
+        if not return_exceptions:  # in input order: the lowest failing item wins
+            raise call from call.__cause__
+        prepared.append(call)
     return prepared
+
+
+# -- geometry lookups ----------------------------------------------------------------------------------
+#: what a failed geometry lookup means (:func:`lookup_failure`)
+RETRY, MISSING = "retry", "missing"
+
+
+def lookup_failure(variant: str, kind: str, error: VocosError) -> Union[Geometry, str]:
+    """What a failed request for the config of a variant's vocoder means.
+
+    The default variant: its charactr geometry (:data:`~vocos_triton.contract.DEFAULT_GEOMETRY`), whatever
+    went wrong (no server, an old one): the call goes on and reports the server's own error if there is
+    one, and the next call asks again. A named variant: :data:`MISSING` (the server has no such model),
+    :data:`RETRY` (``UNAVAILABLE``: retried under the call's :class:`Attempts`), or ``error`` to raise.
+    """
+    if variant == DEFAULT_VARIANT:
+        log.debug("no geometry from the server for the default %s vocoder (%s); using %s", kind, error.message,
+                  DEFAULT_GEOMETRY[kind].describe())
+        return DEFAULT_GEOMETRY[kind]
+    if is_missing_model(error):
+        return MISSING
+    if isinstance(error, ServerUnavailableError):
+        return RETRY
+    raise error
 
 
 ENTRY_MODELS: Tuple[str, ...] = tuple(MODELS.values())

@@ -16,10 +16,11 @@ sequence on one gRPC bidirectional stream (``ModelStreamInfer``):
   connection set-up and any number of threads may stream at once through one client.
 
 An input given as an iterable is consumed as it is produced: each chunk is validated (with the contract's
-messages) and sent at once. Only its last frame is held back until the next chunk (or the end of the
-iterable) arrives, because the final request must carry at least one frame and carry ``sequence_end``; the
-server's audio lags the input by its lookahead (29 frames) anyway, so holding one frame back delays a
-piece by at most one frame's production time.
+messages and the variant's geometry) and sent at once. Only its last frame is held back until the next
+chunk (or the end of the iterable) arrives, because the final request must carry at least one frame and
+carry ``sequence_end``; the server's audio lags the input by its lookahead anyway (the streaming model's
+``lookahead_frames``, 29 for the charactr checkpoints), so holding one frame back delays a piece by at most
+one frame's production time.
 
 ``UNAVAILABLE`` before the server has acknowledged the first request (the server is busy: all sequence
 slots taken, or not ready) is retried on a new stream with a new sequence id, after the client's
@@ -60,7 +61,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from vocos_triton import contract as c
-from vocos_triton.contract import Tensor
+from vocos_triton.contract import DEFAULT_GEOMETRY, Geometry, Tensor
 
 from ._common import Attempts, Options
 from ._errors import (
@@ -72,13 +73,24 @@ from ._errors import (
     from_triton,
     tensor_of,
 )
-from ._inputs import OUTPUT, _as_codes, _as_mel, _bandwidth, _bandwidth_tensor, _contract, _invalid, input_kind
+from ._inputs import (
+    OUTPUT,
+    _as_codes,
+    _as_mel,
+    _bandwidth,
+    _bandwidth_tensor,
+    _contract,
+    _invalid,
+    check_served,
+    input_kind,
+)
+from ._variants import geometry_kind, normalize_variant
 
 log = logging.getLogger("vocos_client")
 
 #: Headers of a stream besides the client's own (none: see :func:`stream_error` on ``triton_grpc_error``).
 STREAM_HEADERS: Dict[str, str] = {}
-#: The models by input kind (``mel``, ``codes``).
+#: The models by input kind (``mel``, ``codes``), for the default variant (``variant_model`` names a variant's).
 STREAM_MODELS = c.STREAM_MODELS
 
 ChunkSource = Union[np.ndarray, Iterable[Any], AsyncIterable[Any]]
@@ -107,8 +119,9 @@ def _frames(array: np.ndarray) -> int:
 class ChunkChecker:
     """Turns the chunks of one sequence into request tensors, checking each as the server will.
 
-    ``kind`` is ``"mel"`` or ``"codes"``. For codes the bandwidth is fixed by ``bandwidth`` or else by
-    the first chunk's K; every chunk must then have the same K. ``frames`` counts what was accepted.
+    ``kind`` is ``"mel"`` or ``"codes"``; ``geometry`` the variant's (default: the default variant's of
+    that kind) sets the bins and the frame limits. For codes the bandwidth is fixed by ``bandwidth`` or
+    else by the first chunk's K; every chunk must then have the same K. ``frames`` counts what was accepted.
     """
 
     kind: str
@@ -116,7 +129,12 @@ class ChunkChecker:
     validate: bool
     bandwidth: Optional[c.Bandwidth] = None
     frames: int = 0
+    geometry: Optional[Geometry] = None
     _bandwidth_tensor: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.geometry is None:
+            self.geometry = DEFAULT_GEOMETRY[geometry_kind(self.kind, None)]
 
     @property
     def tensor(self) -> str:
@@ -124,25 +142,27 @@ class ChunkChecker:
 
     @property
     def max_frames(self) -> int:
-        return self.limits.max_mel_frames if self.kind == "mel" else self.limits.max_code_frames
+        return self.limits.max_frames(self.geometry)
 
     @property
     def min_frames(self) -> int:
-        """The sequence's minimum length, the offline model's (a mel needs 2 frames to make audio)."""
-        return c.MEL_MIN_FRAMES if self.kind == "mel" else c.CODES_MIN_FRAMES
+        """The sequence's minimum length, the offline model's (a centred mel needs 2 frames to make audio)."""
+        return self.geometry.min_frames
 
     def convert(self, chunk: Any) -> np.ndarray:
-        """One chunk, (C, T): (100, T) float32 mel or (K, T) integer codes, checked; not yet counted."""
+        """One chunk, (C, T): (C, T) float32 mel or (K, T) integer codes, checked; not yet counted."""
+        geometry = self.geometry
         try:
             if self.kind == "mel":
                 array = _as_mel(chunk)
                 if self.validate:
-                    c.validate_mel(array, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames)
+                    geometry.validate_features(array, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames, Tensor.MEL)
                 return array
             array = _as_codes(chunk)
             if self.validate:
-                implied = c.validate_codes(array, self.bandwidth, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames)
+                implied = geometry.validate_codes(array, self.bandwidth, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames)
                 if self.bandwidth is None:
+                    check_served(implied, geometry, Tensor.CODES)
                     self.bandwidth = implied
             elif self.bandwidth is None and array.ndim == 2 and array.shape[0] in c.CODEBOOKS:
                 self.bandwidth = c.Bandwidth.for_codebooks(array.shape[0])
@@ -193,6 +213,27 @@ class StreamPlan:
     source: Any = None  # an iterable or async iterable of chunks
 
 
+@dataclass(frozen=True)
+class StreamCall:
+    """A ``stream()`` call checked at the call level, before its variant's geometry is known: the input kind
+    (``mel`` or ``codes``), the input (an array, or an iterable of chunks), the parsed bandwidth, the
+    variant's name and the kind of vocoder it needs (``mel`` or ``encodec``)."""
+
+    kind: str
+    value: Any
+    bandwidth: Optional[c.Bandwidth]
+    chunk_frames: Optional[int]
+    variant: str
+
+    @property
+    def geometry_kind(self) -> str:
+        return geometry_kind(self.kind, None)
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        return self.variant, self.geometry_kind
+
+
 def _cut(array: np.ndarray, kind: str, chunk_frames: Optional[int]) -> List[np.ndarray]:
     """A whole array in ``chunk_frames`` chunks (one without it): views; a malformed array as one chunk,
     for the checks to describe."""
@@ -203,40 +244,64 @@ def _cut(array: np.ndarray, kind: str, chunk_frames: Optional[int]) -> List[np.n
     return [layout[:, start:start + step] for start in range(0, layout.shape[1], step)]
 
 
-def plan(options: Options, *, mel: Optional[ChunkSource], codes: Optional[ChunkSource], bandwidth: Any,
-         chunk_frames: Optional[int]) -> StreamPlan:
-    """Check the call before anything is sent. A whole array is checked here in full, chunk by chunk as the
-    server will check it (so its first complaint is the server's)."""
+def check_call(options: Options, *, mel: Optional[ChunkSource], codes: Optional[ChunkSource], bandwidth: Any,
+               chunk_frames: Optional[int], variant: Optional[str] = None) -> StreamCall:
+    """What can be checked of a ``stream()`` call without the variant's geometry (no network)."""
     kind = input_kind(mel=mel, codes=codes)
     if chunk_frames is not None and (isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int)
                                      or chunk_frames < c.STREAM_CHUNK_MIN_FRAMES):
         raise ValueError(f"chunk_frames: expected an int >= {c.STREAM_CHUNK_MIN_FRAMES} or None, got {chunk_frames!r}")
     if kind == "mel" and bandwidth is not None:
         raise _invalid(Tensor.BANDWIDTH, "the mel vocoder has no bandwidth; use it with audio= or codes=")
+    name = normalize_variant(variant)
     try:
         parsed = _bandwidth(bandwidth, options.validate)
     except c.InvalidInput as exc:
         raise _contract(exc) from None
-    checker = ChunkChecker(kind, options.limits, options.validate, parsed)
     value = mel if kind == "mel" else codes
-    stream_plan = StreamPlan(kind, STREAM_MODELS[kind], checker)
     if not isinstance(value, np.ndarray) and hasattr(value, "__array__"):
         value = np.asarray(value)  # e.g. a CPU torch tensor: a whole array, not an iterable of its rows
-    if isinstance(value, np.ndarray):
+    if not isinstance(value, np.ndarray):
+        if chunk_frames is not None:
+            raise ValueError("chunk_frames applies to a whole array; an iterable is sent chunk by chunk as it comes")
+        if isinstance(value, (str, bytes)) or not (hasattr(value, "__iter__") or hasattr(value, "__aiter__")):
+            raise _invalid(kind, f"expected a numpy array or an iterable of chunks, got {type(value).__name__}")
+    return StreamCall(kind, value, parsed, chunk_frames, name)
+
+
+def plan_call(options: Options, call: StreamCall, geometry: Optional[Geometry] = None) -> StreamPlan:
+    """The plan of a checked call with its variant's geometry (``None``: the default variant's). A whole
+    array is checked here in full, chunk by chunk as the server will check it (so its first complaint is
+    the server's)."""
+    geometry = geometry or DEFAULT_GEOMETRY[call.geometry_kind]
+    if options.validate:
+        try:
+            check_served(call.bandwidth, geometry)
+        except c.InvalidInput as exc:
+            raise _contract(exc) from None
+    checker = ChunkChecker(call.kind, options.limits, options.validate, call.bandwidth, geometry=geometry)
+    model = c.variant_model(STREAM_MODELS[call.kind], call.variant)
+    stream_plan = StreamPlan(call.kind, model, checker)
+    if isinstance(call.value, np.ndarray):
         chunks = []
-        for chunk in _cut(value, kind, chunk_frames):
+        for chunk in _cut(call.value, call.kind, call.chunk_frames):
             chunks.append(checker.convert(chunk))
             checker.count(_frames(chunks[-1]))
         checker.check_complete()
         checker.frames = 0  # counted again as the chunks are sent
         stream_plan.chunks = chunks
         return stream_plan
-    if chunk_frames is not None:
-        raise ValueError("chunk_frames applies to a whole array; an iterable is sent chunk by chunk as it comes")
-    if isinstance(value, (str, bytes)) or not (hasattr(value, "__iter__") or hasattr(value, "__aiter__")):
-        raise _invalid(kind, f"expected a numpy array or an iterable of chunks, got {type(value).__name__}")
-    stream_plan.source = value
+    stream_plan.source = call.value
     return stream_plan
+
+
+def plan(options: Options, *, mel: Optional[ChunkSource], codes: Optional[ChunkSource], bandwidth: Any,
+         chunk_frames: Optional[int], variant: Optional[str] = None,
+         geometry: Optional[Geometry] = None) -> StreamPlan:
+    """Check the call before anything is sent (:func:`check_call`, then :func:`plan_call` with ``geometry``,
+    the variant's: ``None`` is the default variant's)."""
+    call = check_call(options, mel=mel, codes=codes, bandwidth=bandwidth, chunk_frames=chunk_frames, variant=variant)
+    return plan_call(options, call, geometry)
 
 
 class HoldBack:

@@ -6,15 +6,20 @@ Usage::
     vocos-client [--url HOST:PORT] codes IN.npy [IN.npy ...] -o OUT [--bandwidth KBPS] [--stream [--chunk-frames N]]
     vocos-client [--url HOST:PORT] mel IN.npy [IN.npy ...] -o OUT [--stream [--chunk-frames N]]
     vocos-client [--url HOST:PORT] ready
+    vocos-client [--url HOST:PORT] --list-variants
 
-* ``resynth``: any rate soundfile reads (resampled to 24 kHz with soxr); several channels are averaged
-  to mono. Without ``--bandwidth`` through the mel vocoder, with it through EnCodec at that bandwidth.
+* ``--variant NAME``: synthesize with the server's variant NAME (default: the default variant); a named
+  variant serves one kind, mel or EnCodec. ``--list-variants`` prints the variants the server holds, one
+  line each: name, kind, sample rate, input channels, hop, padding, streaming lookahead, bandwidths.
+* ``resynth``: any rate soundfile reads (resampled to the variant's rate with soxr); several channels are
+  averaged to mono. Without ``--bandwidth`` through the mel vocoder, with it through EnCodec at that bandwidth.
 * ``codes``: (K, T) integer EnCodec codes, K = 2/4/8/16 (the bandwidth follows from K unless given).
-* ``mel``: (100, T) log-mel features.
+* ``mel``: (C, T) log-mel features, C the variant's mel bins (100 for the default variant).
 * Connection: ``--api-key-file PATH`` (or ``$VOCOS_API_KEY``) for a server that requires an API key,
   ``--ssl`` [``--root-certificates CA.pem``] for TLS.
 * ``OUT`` is a ``.wav`` file for one input, otherwise a directory (created) that gets ``<input stem>.wav``.
-  Output is 24 kHz mono; ``--subtype FLOAT`` (default: 32-bit float, the exact model output) or
+  Output is mono at the variant's sample rate as the server publishes it (24 kHz for the charactr
+  checkpoints); ``--subtype FLOAT`` (default: 32-bit float, the exact model output) or
   ``PCM_16``/``PCM_24`` (clipped to [-1, 1]).
 
 ``--stream`` (``mel`` and ``codes``) synthesizes each input through the streaming models instead, one
@@ -44,11 +49,12 @@ from vocos_triton.contract import Access
 from ._client import VocosClient
 from ._common import read_api_key
 from ._errors import InvalidInputError, ServerUnavailableError, VocosError
-from ._inputs import SAMPLE_RATE
 
 PROG = "vocos-client"
 EXIT_OK, EXIT_OTHER, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
 SUBTYPES = ("FLOAT", "PCM_16", "PCM_24")
+COMMANDS = ("resynth", "codes", "mel", "ready")
+_COMMANDS_METAVAR = "{" + ",".join(COMMANDS) + "}"
 
 log = logging.getLogger("vocos_client.cli")
 
@@ -89,12 +95,18 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="no progress bar, no list of written files")
     parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
                         help="log retries and warnings (e.g. a stereo input averaged to mono)")
+    parser.add_argument("--variant", metavar="NAME", default=default(None),
+                        help="the server's variant to synthesize with (default: the default variant)")
+    parser.add_argument("--list-variants", action="store_true", default=default(False),
+                        help="print the server's variants, one line each (name, kind, rate, channels, hop, "
+                             "padding, lookahead, bandwidths), and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Synthesize 24 kHz audio with Vocos on a Triton server.")
+    parser = _Parser(prog=PROG, description="Synthesize audio with Vocos on a Triton server.")
     _common(parser, suppress=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{resynth,codes,mel,ready}",
+    # not required by argparse: --list-variants runs without one (_run checks the others have one)
+    commands = parser.add_subparsers(dest="command", required=False, metavar=_COMMANDS_METAVAR,
                                      parser_class=_Parser)
 
     def command(name: str, help_text: str, pattern: str) -> argparse.ArgumentParser:
@@ -106,12 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub, suppress=True)
         return sub
 
-    command("resynth", "audio files -> resynthesized 24 kHz wav (mel, or EnCodec with --bandwidth)", "IN.wav") \
+    command("resynth", "audio files -> resynthesized wav at the variant's rate (mel, or EnCodec with --bandwidth)",
+            "IN.wav") \
         .add_argument("--bandwidth", metavar="KBPS", type=float,
                       help="EnCodec kbps: 1.5, 3, 6 or 12 (default: mel path)")
     codes = command("codes", "(K, T) EnCodec codes .npy -> wav", "IN.npy")
     codes.add_argument("--bandwidth", metavar="KBPS", type=float, help="kbps (default: from K: 2/4/8/16 -> 1.5/3/6/12)")
-    mel = command("mel", "(100, T) log-mel .npy -> wav", "IN.npy")
+    mel = command("mel", "(C, T) log-mel .npy -> wav (C: the variant's mel bins, 100 by default)", "IN.npy")
     for sub in (codes, mel):
         sub.add_argument("--stream", action="store_true",
                          help="stream: write the wav as audio pieces arrive, print the time to first audio")
@@ -173,7 +186,42 @@ def _items(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return items
 
 
-def _write(paths: Sequence[Path], waveforms: Sequence[np.ndarray], subtype: str) -> None:
+def _kind(args: argparse.Namespace) -> str:
+    """The kind of vocoder the command uses (so the variant's sample rate to write at)."""
+    if args.command == "mel" or (args.command == "resynth" and args.bandwidth is None):
+        return "mel"
+    return "encodec"
+
+
+def _sample_rate(client: VocosClient, args: argparse.Namespace) -> int:
+    """The variant's sample rate as the server publishes it (the charactr 24 kHz for the default variant of
+    a server that publishes none)."""
+    try:
+        return client.sample_rate_of(args.variant, _kind(args), timeout=args.timeout)
+    except VocosError as exc:
+        raise CliError(str(exc), _exit_code(exc)) from None
+
+
+def _list_variants(client: VocosClient, args: argparse.Namespace) -> int:
+    try:
+        variants = client.variants(timeout=args.timeout)
+    except VocosError as exc:
+        raise CliError(f"{args.url}: {exc}", _exit_code(exc)) from None
+    for line in format_variants(variants):
+        print(line)
+    return EXIT_OK
+
+
+def format_variants(variants: Sequence[Any]) -> List[str]:
+    """One aligned line per variant: name, kind, rate, channels, hop, padding, lookahead, bandwidths."""
+    rows = [[v.name, v.kind, f"{v.sample_rate} Hz", f"{v.input_channels} ch", f"hop {v.hop_length}", v.padding,
+             "lookahead " + ("-" if v.lookahead_frames is None else str(v.lookahead_frames)),
+             "bandwidths " + (",".join(f"{b:g}" for b in v.bandwidths) or "-")] for v in variants]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _write(paths: Sequence[Path], waveforms: Sequence[np.ndarray], subtype: str, sample_rate: int) -> None:
     import soundfile as sf
 
     for path, waveform in zip(paths, waveforms):
@@ -181,7 +229,7 @@ def _write(paths: Sequence[Path], waveforms: Sequence[np.ndarray], subtype: str)
             waveform = np.clip(waveform, -1.0, 1.0)  # integer PCM cannot hold more; do not let it wrap
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str(path), waveform, SAMPLE_RATE, subtype=subtype)
+            sf.write(str(path), waveform, sample_rate, subtype=subtype)
         except (OSError, RuntimeError) as exc:
             raise CliError(f"{path}: cannot write: {exc}", EXIT_OTHER) from None
 
@@ -203,7 +251,7 @@ def _exit_code(exc: VocosError) -> int:
 
 
 def _stream_one(client: VocosClient, source: Path, item: Dict[str, Any], path: Path, subtype: str,
-                chunk_frames: Optional[int], quiet: bool) -> None:
+                chunk_frames: Optional[int], quiet: bool, variant: Optional[str], sample_rate: int) -> None:
     """Stream one input into ``path``, appending each piece as it arrives; no partial file on failure."""
     import soundfile as sf
 
@@ -212,8 +260,8 @@ def _stream_one(client: VocosClient, source: Path, item: Dict[str, Any], path: P
     samples = 0
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with sf.SoundFile(str(path), "w", samplerate=SAMPLE_RATE, channels=1, subtype=subtype) as sink:
-            for piece in client.stream(chunk_frames=chunk_frames, **item):
+        with sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=1, subtype=subtype) as sink:
+            for piece in client.stream(chunk_frames=chunk_frames, variant=variant, **item):
                 if first is None:
                     first = time.perf_counter() - started
                 sink.write(np.clip(piece, -1.0, 1.0) if subtype != "FLOAT" else piece)
@@ -231,18 +279,25 @@ def _stream_one(client: VocosClient, source: Path, item: Dict[str, Any], path: P
     if not quiet:
         total = time.perf_counter() - started
         ttfa = f"{first * 1000:.1f} ms" if first is not None else "never (no audio)"
-        print(f"{source}: first audio after {ttfa}; {samples / SAMPLE_RATE:.2f} s of audio in {total:.2f} s",
+        print(f"{source}: first audio after {ttfa}; {samples / sample_rate:.2f} s of audio in {total:.2f} s",
               file=sys.stderr)
 
 
 def _run_stream(client: VocosClient, args: argparse.Namespace, paths: Sequence[Path]) -> None:
     if args.chunk_frames is not None and args.chunk_frames < 1:
         raise CliError(f"--chunk-frames: expected >= 1, got {args.chunk_frames}", EXIT_INVALID)
-    for source, item, path in zip(args.inputs, _items(args), paths):
-        _stream_one(client, source, item, path, args.subtype, args.chunk_frames, args.quiet)
+    items = _items(args)
+    sample_rate = _sample_rate(client, args)
+    for source, item, path in zip(args.inputs, items, paths):
+        _stream_one(client, source, item, path, args.subtype, args.chunk_frames, args.quiet, args.variant,
+                    sample_rate)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.list_variants and args.command is not None:
+        raise CliError(f"--list-variants takes no command (got {args.command})", EXIT_INVALID)
+    if not args.list_variants and args.command is None:
+        raise CliError(f"the following arguments are required: {_COMMANDS_METAVAR}", EXIT_INVALID)
     if args.concurrency < 1:
         raise CliError(f"--concurrency: expected >= 1, got {args.concurrency}", EXIT_INVALID)
     if getattr(args, "chunk_frames", None) is not None and not args.stream:
@@ -257,6 +312,8 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc), EXIT_INVALID) from None
     with client:
+        if args.list_variants:
+            return _list_variants(client, args)
         if args.command == "ready":
             if client.ready(timeout=args.timeout):
                 return EXIT_OK
@@ -274,11 +331,12 @@ def _run(args: argparse.Namespace) -> int:
         show = not args.quiet and sys.stderr.isatty()
         with tqdm(total=len(items), unit="file", file=sys.stderr, disable=not show) as bar:
             try:
-                waveforms = client.synthesize_batch(items, max_concurrency=args.concurrency,
+                waveforms = client.synthesize_batch(items, variant=args.variant, max_concurrency=args.concurrency,
                                                     progress=lambda _: bar.update(1))
             except VocosError as exc:
                 raise CliError(_describe(exc, args.inputs), _exit_code(exc)) from None
-    _write(paths, waveforms, args.subtype)
+        sample_rate = _sample_rate(client, args)  # learnt by the batch; asked again only for an old server
+    _write(paths, waveforms, args.subtype, sample_rate)
     if not args.quiet:
         for path in paths:
             print(path)

@@ -9,23 +9,21 @@ It needs numpy only (no torch), because the client imports it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-SAMPLE_RATE = 24_000
-MEL_BINS = 100
-MEL_HOP = 256
-FEATURE_DIM = 128
-ENCODEC_HOP = 320
-CODEBOOK_SIZE = 1024
+#: EnCodec 24 kHz's bandwidths (kbps) and the codebooks each uses: log2(1024) bits x 75 frames/s = 750 bps
+#: per codebook. Fixed by EnCodec, not by a Vocos checkpoint (which may serve them all, see checkpoints.py).
 BANDWIDTHS = (1.5, 3.0, 6.0, 12.0)
-#: EnCodec 24 kHz spends log2(1024) bits x 75 frames/s = 750 bps per codebook.
 CODEBOOKS = (2, 4, 8, 16)
+CODEBOOK_SIZE = 1024
 DEFAULT_MAX_SECONDS = 60.0
 
-
+MEL, ENCODEC = "mel", "encodec"  # the two kinds of Vocos: features in are log-mel, or EnCodec embeddings
+CENTER, SAME = "center", "same"  # the two paddings of vocos' STFT / ISTFT
 class Model:
     """Triton model names (``model_repository/<name>/``)."""
 
@@ -92,13 +90,6 @@ ENTRY_MODELS = {
 #: The streaming models, by input kind.
 STREAM_MODELS = {"mel": Model.VOCOS_MEL_STREAM, "codes": Model.DECODE_CODES_STREAM}
 
-#: torch.stft's reflect padding of n_fft // 2 = 512 needs more samples than that (vocos 0.1.0).
-MEL_MIN_SAMPLES = 513
-ENCODEC_MIN_SAMPLES = 1
-#: the centred ISTFT makes (T - 1) * 256 samples, so one frame makes none
-MEL_MIN_FRAMES = 2
-CODES_MIN_FRAMES = 1
-FEATURES_MIN_FRAMES = 1
 #: a stream's chunk may be a single frame; the sequence as a whole must reach the offline minimum
 STREAM_CHUNK_MIN_FRAMES = 1
 
@@ -112,24 +103,242 @@ class InvalidInput(ValueError):
         self.problem = problem
 
 
-def mel_frames(num_samples: int) -> int:
-    """Frames of the centred 24 kHz log-mel of ``num_samples`` samples (vocos 0.1.0)."""
-    return 1 + num_samples // MEL_HOP
+# -- variants ----------------------------------------------------------------------------------------
+#: The variant whose models keep the contract's names (``vocos_mel``, ``decode_codes``, ...).
+DEFAULT_VARIANT = "default"
+#: A variant NAME adds models named ``<model>__<NAME>`` (``vocos_mel__matcha22k``): lower-case letters and
+#: digits, words joined by single ``-`` or ``_`` (so the ``__`` that joins model and variant stays unique).
+VARIANT_SEPARATOR = "__"
+VARIANT_NAME = re.compile(r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$")
+VARIANT_NAME_MAX = 40
+#: the models a variant adds, by the kind of its checkpoint (the EnCodec encoder is shared: it is EnCodec's)
+VARIANT_MODELS = {
+    "mel": (Model.MEL_FEATURES, Model.VOCOS_MEL, Model.VOCOS_MEL_STREAM, Model.RESYNTHESIZE_MEL),
+    "encodec": (Model.ENCODEC_EMBEDDING, Model.VOCOS_ENCODEC, Model.DECODE_CODES_STREAM, Model.DECODE_CODES,
+                Model.RESYNTHESIZE_ENCODEC),
+}
+#: each kind's vocoder: the model whose config.pbtxt a client reads a variant's geometry from
+VOCODERS = {"mel": Model.VOCOS_MEL, "encodec": Model.VOCOS_ENCODEC}
 
 
-def mel_waveform_samples(num_frames: int) -> int:
-    """Samples the mel vocoder makes from ``num_frames`` frames (centred ISTFT)."""
-    return (num_frames - 1) * MEL_HOP
+def check_variant_name(name: str) -> str:
+    """``name`` if it may name a variant, else ValueError saying why."""
+    if name == DEFAULT_VARIANT:
+        return name
+    if not VARIANT_NAME.match(name or "") or len(name) > VARIANT_NAME_MAX:
+        raise ValueError(f"variant name {name!r}: expected lower-case letters and digits, words joined by single "
+                         f"'-' or '_', at most {VARIANT_NAME_MAX} characters (e.g. matcha-22k)")
+    return name
 
 
-def encodec_frames(num_samples: int) -> int:
-    """EnCodec 24 kHz frames (75 Hz) for ``num_samples`` samples."""
-    return math.ceil(num_samples / ENCODEC_HOP)
+def variant_model(model: str, variant: Optional[str] = None) -> str:
+    """The Triton name of ``model`` for ``variant``: the contract's name for the default variant (None or
+    :data:`DEFAULT_VARIANT`), ``<model>__<variant>`` for any other."""
+    if variant is None or variant == DEFAULT_VARIANT:
+        return model
+    return f"{model}{VARIANT_SEPARATOR}{check_variant_name(variant)}"
 
 
-def encodec_waveform_samples(num_frames: int) -> int:
-    """Samples the EnCodec-variant vocoder makes from ``num_frames`` frames ("same" ISTFT)."""
-    return num_frames * ENCODEC_HOP
+def split_model_name(name: str) -> Tuple[str, str]:
+    """``(model, variant)`` of a Triton model name (inverse of :func:`variant_model`)."""
+    model, _, variant = name.partition(VARIANT_SEPARATOR)
+    return model, variant or DEFAULT_VARIANT
+
+
+# -- geometry ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    """A Vocos model's geometry: what turns frames into samples and back, and what a valid input is.
+
+    Read from the checkpoint's config when the repository is built, published in each model's
+    config.pbtxt (:meth:`parameters`, and the dims), read back by the stubs, the launcher and the client
+    (:meth:`from_parameters`). ``kind`` is ``mel`` (log-mel in, ``input_channels`` mel bins, made from audio
+    by vocos' ``MelSpectrogramFeatures`` with this n_fft / hop / padding) or ``encodec`` (EnCodec 24 kHz
+    embeddings in, ``input_channels`` = 128, one frame per ``hop_length`` = 320 samples of audio).
+    ``padding`` is the ISTFT's (and the mel front end's): ``center`` makes (T - 1) * hop samples from T
+    frames, ``same`` makes T * hop.
+    """
+
+    kind: str
+    sample_rate: int
+    input_channels: int
+    hop_length: int
+    n_fft: int
+    padding: str
+    bandwidths: Tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in (MEL, ENCODEC):
+            raise ValueError(f"geometry kind: expected {MEL!r} or {ENCODEC!r}, got {self.kind!r}")
+        if self.padding not in (CENTER, SAME):
+            raise ValueError(f"geometry padding: expected {CENTER!r} or {SAME!r}, got {self.padding!r}")
+        for name in ("sample_rate", "input_channels", "hop_length", "n_fft"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"geometry {name}: expected a positive number, got {getattr(self, name)!r}")
+
+    # -- frames and samples
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @property
+    def feature_name(self) -> str:
+        """What one row of the vocoder's input is called in messages."""
+        return "mel bins" if self.kind == MEL else "feature channels"
+
+    @property
+    def feature_tensor(self) -> str:
+        return Tensor.MEL if self.kind == MEL else Tensor.FEATURES
+
+    @property
+    def _same_pad(self) -> int:
+        """vocos' ``same`` reflect padding of the mel front end, at each end."""
+        return (self.n_fft - self.hop_length) // 2
+
+    def frames(self, num_samples: int) -> int:
+        """Frames the front end makes from ``num_samples`` samples: vocos' log-mel (centred: 1 + L // hop;
+        ``same``: reflect-padded by (n_fft - hop) // 2 at each end, no centring), or EnCodec's ceil(L / hop)."""
+        if self.kind == ENCODEC:
+            return math.ceil(num_samples / self.hop_length)
+        if self.padding == CENTER:
+            return 1 + num_samples // self.hop_length
+        return max(0, (num_samples + 2 * self._same_pad - self.n_fft) // self.hop_length + 1)
+
+    def waveform_samples(self, num_frames: int) -> int:
+        """Samples the vocoder makes from ``num_frames`` frames."""
+        return (num_frames - 1) * self.hop_length if self.padding == CENTER else num_frames * self.hop_length
+
+    @property
+    def min_frames(self) -> int:
+        """The fewest frames the vocoder takes: the centred ISTFT makes no sample from one frame."""
+        return 2 if self.padding == CENTER else 1
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest audio the front end takes: the mel's reflect padding needs more samples than it
+        pads (n_fft // 2 centred, (n_fft - hop) // 2 with ``same``), and the result must reach
+        :attr:`min_frames`; EnCodec takes any non-empty audio."""
+        if self.kind == ENCODEC:
+            return 1
+        pad = self.n_fft // 2 if self.padding == CENTER else self._same_pad
+        samples = pad + 1
+        while self.frames(samples) < self.min_frames:
+            samples += 1
+        return samples
+
+    def max_samples(self, max_seconds: float) -> int:
+        return int(round(max_seconds * self.sample_rate))
+
+    def max_frames(self, max_seconds: float) -> int:
+        """The most frames of an item: those of the longest audio allowed."""
+        return self.frames(self.max_samples(max_seconds))
+
+    # -- validation (the same words locally and in the server)
+    def validate_audio(self, audio: np.ndarray, max_seconds: float, tensor: str = Tensor.AUDIO) -> None:
+        """One item of mono audio at :attr:`sample_rate`, shape (L,), float32, finite."""
+        check_dtype(tensor, audio, np.float32)
+        check_rank(tensor, audio, 1, "(samples,)")
+        check_length(tensor, audio.shape[0], self.min_samples, self.max_samples(max_seconds), "samples",
+                     self.sample_rate)
+        check_finite(tensor, audio)
+
+    def validate_features(self, array: np.ndarray, min_frames: int, max_frames: int,
+                          tensor: Optional[str] = None) -> None:
+        """One item of vocoder input (log-mel or EnCodec features), shape (input_channels, T), float32, finite."""
+        tensor = tensor or self.feature_tensor
+        what = self.feature_name
+        check_dtype(tensor, array, np.float32)
+        check_rank(tensor, array, 2, f"({what}, frames)")
+        if array.shape[0] != self.input_channels:
+            raise InvalidInput(tensor, f"expected {self.input_channels} {what}, got {array.shape[0]}")
+        check_length(tensor, array.shape[1], min_frames, max_frames, "frames", self.frames_per_second)
+        check_finite(tensor, array)
+
+    def validate_codes(self, codes: np.ndarray, bandwidth: Optional[Bandwidth], min_frames: int, max_frames: int,
+                       tensor: str = Tensor.CODES) -> Bandwidth:
+        """One item of EnCodec codes, shape (K, T), integer, in [0, 1024); returns its bandwidth.
+
+        ``bandwidth=None`` infers it from K; otherwise K must be the bandwidth's codebook count.
+        """
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise InvalidInput(tensor, f"expected integer codes (int64), got dtype {codes.dtype.name}")
+        check_rank(tensor, codes, 2, "(codebooks, frames)")
+        num_codebooks, num_frames = codes.shape
+        implied = Bandwidth.for_codebooks(num_codebooks, tensor)
+        if bandwidth is not None and bandwidth.codebooks != num_codebooks:
+            raise InvalidInput(
+                tensor,
+                f"{num_codebooks} codebooks do not match bandwidth {_format_number(bandwidth.kbps)} kbps, "
+                f"which expects {bandwidth.codebooks}",
+            )
+        check_length(tensor, num_frames, min_frames, max_frames, "frames", self.frames_per_second)
+        check_code_values(codes, tensor)
+        return implied
+
+    # -- publication in config.pbtxt
+    def parameters(self) -> Dict[str, str]:
+        """The geometry as config.pbtxt ``parameters`` (string values), :meth:`from_parameters`' input."""
+        published = {GeometryParameter.KIND: self.kind, GeometryParameter.SAMPLE_RATE: str(self.sample_rate),
+                     GeometryParameter.INPUT_CHANNELS: str(self.input_channels),
+                     GeometryParameter.HOP_LENGTH: str(self.hop_length), GeometryParameter.N_FFT: str(self.n_fft),
+                     GeometryParameter.PADDING: self.padding}
+        if self.bandwidths:
+            published[GeometryParameter.BANDWIDTHS] = ",".join(_format_number(b) for b in self.bandwidths)
+        return published
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str], where: str = "config.pbtxt") -> Geometry:
+        """The geometry a model publishes; ValueError naming ``where`` and the key when one is missing or bad."""
+        def get(key: str) -> str:
+            value = str(parameters.get(key, "")).strip()
+            if not value:
+                raise ValueError(f"{where}: no parameter {key!r} (the model's geometry; rebuild the repository "
+                                 "with make repository)")
+            return value
+
+        def number(key: str) -> int:
+            text = get(key)
+            if not text.isdigit():
+                raise ValueError(f"{where}: parameter {key!r} is {text!r}, expected a positive whole number")
+            return int(text)
+
+        kind, padding = get(GeometryParameter.KIND), get(GeometryParameter.PADDING)
+        rate, channels = number(GeometryParameter.SAMPLE_RATE), number(GeometryParameter.INPUT_CHANNELS)
+        hop, n_fft = number(GeometryParameter.HOP_LENGTH), number(GeometryParameter.N_FFT)
+        try:
+            bandwidths = tuple(float(b) for b in str(parameters.get(GeometryParameter.BANDWIDTHS, "")).split(",")
+                               if b.strip())
+            return cls(kind, rate, channels, hop, n_fft, padding, bandwidths)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    def describe(self) -> str:
+        """``24000 Hz, 100 mel bins, hop 256, n_fft 1024, center``: for logs and messages."""
+        return (f"{self.sample_rate} Hz, {self.input_channels} {self.feature_name}, hop {self.hop_length}, "
+                f"n_fft {self.n_fft}, {self.padding}")
+
+
+class GeometryParameter:
+    """The config.pbtxt ``parameters`` keys a model publishes its :class:`Geometry` under."""
+
+    KIND = "input_kind"
+    SAMPLE_RATE = "sample_rate"
+    INPUT_CHANNELS = "input_channels"
+    HOP_LENGTH = "hop_length"
+    N_FFT = "n_fft"
+    PADDING = "padding"
+    BANDWIDTHS = "bandwidths"
+    #: the variant the model belongs to (:data:`DEFAULT_VARIANT` for the contract's names)
+    VARIANT = "variant"
+    GEOMETRY = (KIND, SAMPLE_RATE, INPUT_CHANNELS, HOP_LENGTH, N_FFT, PADDING, BANDWIDTHS)
+
+
+#: The geometries of the charactr checkpoints: the default variant's, unless its checkpoints say otherwise.
+MEL_24KHZ = Geometry(MEL, 24_000, 100, 256, 1024, CENTER)
+ENCODEC_24KHZ = Geometry(ENCODEC, 24_000, 128, 320, 1280, SAME, BANDWIDTHS)
+#: what EnCodec 24 kHz itself fixes for every EnCodec-conditioned Vocos (its encoder makes the frames)
+ENCODEC_SAMPLE_RATE, ENCODEC_HOP, ENCODEC_DIM = 24_000, 320, 128
+DEFAULT_GEOMETRY = {MEL: MEL_24KHZ, ENCODEC: ENCODEC_24KHZ}
 
 
 def _format_number(value: float) -> str:
@@ -171,21 +380,16 @@ class Bandwidth:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-item length limits derived from ``max_seconds`` (the models' ``max_seconds`` parameter)."""
+    """Per-item length limit: ``max_seconds`` of audio (the models' ``max_seconds`` parameter), in samples
+    and frames of a :class:`Geometry`."""
 
     max_seconds: float = DEFAULT_MAX_SECONDS
 
-    @property
-    def max_samples(self) -> int:
-        return int(round(self.max_seconds * SAMPLE_RATE))
+    def max_samples(self, geometry: Geometry) -> int:
+        return geometry.max_samples(self.max_seconds)
 
-    @property
-    def max_mel_frames(self) -> int:
-        return mel_frames(self.max_samples)
-
-    @property
-    def max_code_frames(self) -> int:
-        return encodec_frames(self.max_samples)
+    def max_frames(self, geometry: Geometry) -> int:
+        return geometry.max_frames(self.max_seconds)
 
 
 def check_dtype(tensor: str, array: np.ndarray, expected: np.dtype) -> None:
@@ -219,57 +423,6 @@ def check_length(tensor: str, length: int, minimum: int, maximum: int, unit: str
             f"expected at most {maximum} {unit} ({maximum / per_second:g} s), got {length} "
             f"({length / per_second:g} s); split the input, it is never truncated",
         )
-
-
-def validate_audio(audio: np.ndarray, min_samples: int, max_samples: int, tensor: str = Tensor.AUDIO) -> None:
-    """One item of 24 kHz mono audio, shape (L,), float32, finite."""
-    check_dtype(tensor, audio, np.float32)
-    check_rank(tensor, audio, 1, "(samples,)")
-    check_length(tensor, audio.shape[0], min_samples, max_samples, "samples", SAMPLE_RATE)
-    check_finite(tensor, audio)
-
-
-def _validate_frames(tensor: str, array: np.ndarray, channels: int, what: str, min_frames: int,
-                     max_frames: int, frames_per_second: float) -> None:
-    check_dtype(tensor, array, np.float32)
-    check_rank(tensor, array, 2, f"({what}, frames)")
-    if array.shape[0] != channels:
-        raise InvalidInput(tensor, f"expected {channels} {what}, got {array.shape[0]}")
-    check_length(tensor, array.shape[1], min_frames, max_frames, "frames", frames_per_second)
-    check_finite(tensor, array)
-
-
-def validate_mel(mel: np.ndarray, min_frames: int, max_frames: int, tensor: str = Tensor.MEL) -> None:
-    """One item of log-mel features, shape (100, T), float32, finite."""
-    _validate_frames(tensor, mel, MEL_BINS, "mel bins", min_frames, max_frames, SAMPLE_RATE / MEL_HOP)
-
-
-def validate_features(features: np.ndarray, min_frames: int, max_frames: int, tensor: str = Tensor.FEATURES) -> None:
-    """One item of EnCodec embedding features, shape (128, T), float32, finite."""
-    _validate_frames(tensor, features, FEATURE_DIM, "feature channels", min_frames, max_frames,
-                     SAMPLE_RATE / ENCODEC_HOP)
-
-
-def validate_codes(codes: np.ndarray, bandwidth: Optional[Bandwidth], min_frames: int, max_frames: int,
-                   tensor: str = Tensor.CODES) -> Bandwidth:
-    """One item of EnCodec codes, shape (K, T), integer, in [0, 1024); returns its bandwidth.
-
-    ``bandwidth=None`` infers it from K; otherwise K must be the bandwidth's codebook count.
-    """
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise InvalidInput(tensor, f"expected integer codes (int64), got dtype {codes.dtype.name}")
-    check_rank(tensor, codes, 2, "(codebooks, frames)")
-    num_codebooks, num_frames = codes.shape
-    implied = Bandwidth.for_codebooks(num_codebooks, tensor)
-    if bandwidth is not None and bandwidth.codebooks != num_codebooks:
-        raise InvalidInput(
-            tensor,
-            f"{num_codebooks} codebooks do not match bandwidth {_format_number(bandwidth.kbps)} kbps, "
-            f"which expects {bandwidth.codebooks}",
-        )
-    check_length(tensor, num_frames, min_frames, max_frames, "frames", SAMPLE_RATE / ENCODEC_HOP)
-    check_code_values(codes, tensor)
-    return implied
 
 
 def check_code_values(codes: np.ndarray, tensor: str = Tensor.CODES) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import SAMPLE_RATE
+from .contract import MEL_24KHZ
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -42,17 +42,17 @@ def _espeak(text: str, voice: str, words_per_minute: int) -> np.ndarray:
         subprocess.run([binary, "-v", voice, "-s", str(words_per_minute), "-w", str(wav), text],
                        check=True, capture_output=True)
         audio, rate = sf.read(wav, dtype="float32")
-    return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+    return soxr.resample(audio, rate, MEL_24KHZ.sample_rate).astype(np.float32)
 
 
 def speech(text: str = SENTENCES[0], voice: str = "en-us", words_per_minute: int = 160,
-           sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+           sample_rate: int = MEL_24KHZ.sample_rate) -> np.ndarray:
     """One utterance as float32 mono audio in [-1, 1] at ``sample_rate``."""
     audio = _espeak(text, voice, words_per_minute)
-    if sample_rate != SAMPLE_RATE:
+    if sample_rate != MEL_24KHZ.sample_rate:
         import soxr
 
-        audio = soxr.resample(audio, SAMPLE_RATE, sample_rate).astype(np.float32)
+        audio = soxr.resample(audio, MEL_24KHZ.sample_rate, sample_rate).astype(np.float32)
     return audio.copy()
 
 

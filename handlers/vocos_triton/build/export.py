@@ -11,7 +11,12 @@ and the numpy mel front end against the reference alone. An artifact that disagr
 Command line (``make repository``)::
 
     python -m vocos_triton.build.export --output model_repository \\
-        [--mel SRC] [--encodec SRC] [--encodec-checkpoint PATH] [--random-weights DIR]
+        [--mel SRC] [--encodec SRC] [--encodec-checkpoint PATH] [--random-weights DIR] [--variant NAME=SRC ...]
+
+Each checkpoint's geometry (sample rate, mel bins, n_fft, hop, padding; :class:`vocos_triton.contract.Geometry`)
+is read from its config and written into its models' ``config.pbtxt`` (:mod:`.render`), the default
+checkpoints' into the contract's models, each ``--variant``'s into models of its own
+(``vocos_mel__NAME``, ...: :func:`vocos_triton.contract.variant_model`).
 """
 from __future__ import annotations
 
@@ -23,14 +28,26 @@ import logging
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..contract import BANDWIDTHS, CODEBOOKS, Model
+from ..contract import (
+    BANDWIDTHS,
+    CODEBOOKS,
+    DEFAULT_VARIANT,
+    VARIANT_MODELS,
+    VARIANT_SEPARATOR,
+    Geometry,
+    GeometryParameter,
+    Model,
+    check_variant_name,
+    variant_model,
+)
+from ..launcher.profiles import render_gpu
 from ..modules.encoder import EncodecEncoder
 from ..modules.features import MelFeatures
 from ..modules.streaming import StreamingVocos, decode_in_chunks
@@ -41,6 +58,7 @@ from ..serving.codebooks import TABLE_FILE, CodebookTable
 from ..serving.melbank import MELBANK_FILE, MelBank
 from ..serving.torchscript import ARTIFACT  # the file the serving models load
 from . import checkpoints as ck
+from . import render
 from .half import halve_vocoder
 from .quantize import fidelity, quantize_vocoder, set_quantized_engine
 from .random_checkpoints import WARNING as RANDOM_WARNING
@@ -52,7 +70,8 @@ PROVENANCE = "provenance.json"
 REFERENCE_TOLERANCE = 1e-4  # eager module vs the reference packages, per item
 SCRIPT_TOLERANCE = 1e-5  # TorchScript artifact vs the eager module
 MELBANK_TOLERANCE = 1e-5  # the numpy mel front end vs the reference: the same FFT, float32 matmul and log
-PROBE_SAMPLES = (513, 7_777, 24_000, 50_001)  # minimum mel length, odd lengths, 1 s, ~2 s
+#: probe lengths besides the front end's minimum: an odd ~0.3 s, 1 s, an odd ~2 s (7_777, 24_000, 50_001 at 24 kHz)
+PROBE_SECONDS = ((0.324, True), (1.0, False), (2.0834, True))
 PRECISIONS = ("fp32", "int8", "fp16")
 INT8_MIN_SNR_DB = 25.0  # a floor below what the opt-in int8 vocoders measure (docs/performance.md)
 FP16_MIN_SNR_DB = 40.0  # the opt-in fp16-backbone vocoders (GPU), see vocos_triton.build.half
@@ -95,6 +114,10 @@ class Artifact:
     probe: Probe
     sources: Dict[str, object]
     precision: str = "fp32"
+    #: the geometry config.pbtxt publishes for this model, and the variant it belongs to
+    geometry: Optional[Geometry] = None
+    variant: str = DEFAULT_VARIANT
+    backbone: Dict[str, int] = field(default_factory=dict)
 
     def save_verified(self, version_dir: Path, freeze: bool) -> Tuple[Path, Dict[str, object]]:
         """Verify, then write the artifact file; returns its path and the parity figures.
@@ -154,7 +177,7 @@ class MelFeaturesArtifact(ModuleArtifact):
         features = self.module
         try:
             bank = MelBank(features.window.cpu().numpy(), features.filterbank.cpu().numpy(), features.n_fft,
-                           features.hop_length, features.win_length)
+                           features.hop_length, features.win_length, pad=features.pad)
         except dfti.FftUnavailable as exc:
             log.warning("%s: no %s (CPU instances will serve model.pt with torch): %s", self.name, MELBANK_FILE, exc)
             bank, numpy_parity = None, {"skipped": str(exc)}
@@ -230,35 +253,50 @@ def _max_error(outputs: torch.Tensor, probe: Probe) -> float:
     return max(float((probe.cut(outputs, i).double() - e.double()).abs().max()) for i, e in enumerate(probe.expected))
 
 
-def probe_audio() -> List[torch.Tensor]:
-    voice = synthetic_voice(seconds=3.0, seed=7)
-    return [voice[:n] for n in PROBE_SAMPLES]
+def probe_audio(geometry: Geometry) -> List[torch.Tensor]:
+    """The probe items at the geometry's rate: the front end's shortest input, then :data:`PROBE_SECONDS`."""
+    rate = geometry.sample_rate
+    voice = synthetic_voice(seconds=3.0, sample_rate=rate, seed=7)
+    lengths = [geometry.min_samples] + [int(seconds * rate) | int(odd) for seconds, odd in PROBE_SECONDS]
+    return [voice[:n] for n in lengths]
 
 
-def mel_artifacts(mel: ck.VocosCheckpoint, audio: List[torch.Tensor]) -> List[Artifact]:
-    """``mel_features`` and ``vocos_mel``, probed with the reference ``vocos`` on ``audio``."""
+def _names(variant: str) -> Dict[str, str]:
+    return {model: variant_model(model, variant) for kind in VARIANT_MODELS.values() for model in kind}
+
+
+def mel_artifacts(mel: ck.VocosCheckpoint, variant: str = DEFAULT_VARIANT) -> List[Artifact]:
+    """``mel_features``, ``vocos_mel`` and ``vocos_mel_stream`` (of ``variant``), probed with the reference
+    ``vocos`` at the checkpoint's geometry."""
     reference = ck.build_reference_vocos(mel)
-    sources = ck.describe_sources(mel)
+    names, geometry = _names(variant), mel.geometry
+    tags = dict(sources=ck.describe_sources(mel), geometry=geometry, variant=variant,
+                backbone=ck.backbone_shape(mel))
+    audio = probe_audio(geometry)
     lengths = torch.tensor([a.shape[-1] for a in audio])
     mels = [reference.feature_extractor(a[None])[0] for a in audio]
     frames = torch.tensor([m.shape[-1] for m in mels])
     waves = [reference.decode(m[None])[0] for m in mels]
     return [
-        MelFeaturesArtifact(Model.MEL_FEATURES, Probe((pad_batch(audio), lengths), mels), sources,
+        MelFeaturesArtifact(names[Model.MEL_FEATURES], Probe((pad_batch(audio), lengths), mels), **tags,
                             module=MelFeatures(reference.feature_extractor)),
-        ModuleArtifact(Model.VOCOS_MEL, Probe((pad_batch(mels), frames, torch.zeros_like(frames)), waves), sources,
-                       module=BatchedVocos(reference)),
-        StreamingArtifact(Model.VOCOS_MEL_STREAM, Probe(tuple(mels), waves), sources,
+        ModuleArtifact(names[Model.VOCOS_MEL], Probe((pad_batch(mels), frames, torch.zeros_like(frames)), waves),
+                       **tags, module=BatchedVocos(reference)),
+        StreamingArtifact(names[Model.VOCOS_MEL_STREAM], Probe(tuple(mels), waves), **tags,
                           module=StreamingVocos(BatchedVocos(reference)), conditions=(0,) * len(mels)),
     ]
 
 
 def encodec_artifacts(vocos_encodec: ck.VocosCheckpoint, encodec: ck.EncodecCheckpoint,
-                      audio: List[torch.Tensor]) -> List[Artifact]:
-    """``encodec_encoder``, ``encodec_embedding`` and ``vocos_encodec``, probed with ``vocos`` + ``encodec``
-    on ``audio`` (item i at bandwidth i mod 4)."""
+                      variant: str = DEFAULT_VARIANT) -> List[Artifact]:
+    """``encodec_encoder`` (the default variant only: every variant shares EnCodec's encoder),
+    ``encodec_embedding``, ``vocos_encodec`` and ``decode_codes_stream``, probed with ``vocos`` + ``encodec``
+    (item i at bandwidth i mod 4)."""
     reference = ck.build_reference_vocos(vocos_encodec, encodec)
-    sources = ck.describe_sources(vocos_encodec, encodec)
+    names, geometry = _names(variant), vocos_encodec.geometry
+    tags = dict(sources=ck.describe_sources(vocos_encodec, encodec), geometry=geometry, variant=variant,
+                backbone=ck.backbone_shape(vocos_encodec))
+    audio = probe_audio(geometry)
     extractor = reference.feature_extractor
     lengths = torch.tensor([a.shape[-1] for a in audio])
     bandwidth_ids = torch.arange(len(audio)) % len(BANDWIDTHS)
@@ -271,13 +309,13 @@ def encodec_artifacts(vocos_encodec: ck.VocosCheckpoint, encodec: ck.EncodecChec
     waves = [reference.decode(f[None], bandwidth_id=b.view(1))[0] for f, b in zip(features, bandwidth_ids)]
     frames = torch.tensor([f.shape[-1] for f in features])
     table = CodebookTable(extractor.codebook_weights.detach().cpu().numpy(), extractor.encodec.quantizer.bins)
-    return [
-        ModuleArtifact(Model.ENCODEC_ENCODER, Probe((pad_batch(audio), lengths, num_codebooks), codes), sources,
-                       module=EncodecEncoder(extractor.encodec)),
-        TableArtifact(Model.ENCODEC_EMBEDDING, Probe(tuple(codes), features), sources, table=table),
-        ModuleArtifact(Model.VOCOS_ENCODEC, Probe((pad_batch(features), frames, bandwidth_ids), waves), sources,
-                       module=BatchedVocos(reference)),
-        StreamingArtifact(Model.DECODE_CODES_STREAM, Probe(tuple(features), waves), sources,
+    encoder = [ModuleArtifact(Model.ENCODEC_ENCODER, Probe((pad_batch(audio), lengths, num_codebooks), codes),
+                              **tags, module=EncodecEncoder(extractor.encodec))] if variant == DEFAULT_VARIANT else []
+    return encoder + [
+        TableArtifact(names[Model.ENCODEC_EMBEDDING], Probe(tuple(codes), features), **tags, table=table),
+        ModuleArtifact(names[Model.VOCOS_ENCODEC], Probe((pad_batch(features), frames, bandwidth_ids), waves),
+                       **tags, module=BatchedVocos(reference)),
+        StreamingArtifact(names[Model.DECODE_CODES_STREAM], Probe(tuple(features), waves), **tags,
                           module=StreamingVocos(BatchedVocos(reference)),
                           conditions=tuple(int(b) for b in bandwidth_ids), table=table),
     ]
@@ -306,7 +344,8 @@ def script_and_verify(artifact: ModuleArtifact, freeze: bool = True) -> Tuple[to
                               f"reference (< {artifact.min_snr_db})")
     scripted = torch.jit.script(module)
     if freeze:
-        exported = [name for name in ("output_samples", "output_frames", *KERNEL_METHODS) if hasattr(module, name)]
+        exported = [name for name in ("output_samples", "output_frames", "geometry", *KERNEL_METHODS)
+                    if hasattr(module, name)]
         scripted = torch.jit.freeze(scripted.eval(), preserved_attrs=exported)
     with torch.inference_mode():
         script_out = scripted(*artifact.probe.inputs)
@@ -322,12 +361,86 @@ def script_and_verify(artifact: ModuleArtifact, freeze: bool = True) -> Tuple[to
 
 
 def copy_template(output: Path, template: Optional[Path] = None) -> None:
-    """Copy the committed configs and model.py files into ``output`` (a repository elsewhere)."""
+    """Copy the committed configs and model.py files into ``output`` (a repository elsewhere); the variant
+    folders a previous build left in the template (``<model>__<name>``) are not templates and stay behind."""
     template = template or template_repository()
     if output.resolve() == template.resolve():
         return
-    shutil.copytree(template, output, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(ARTIFACT, TABLE_FILE, MELBANK_FILE, PROVENANCE, "__pycache__"))
+    artifacts = shutil.ignore_patterns(ARTIFACT, TABLE_FILE, MELBANK_FILE, PROVENANCE, "__pycache__")
+
+    def ignore(folder: str, names: List[str]) -> set:
+        ignored = set(artifacts(folder, names))
+        if Path(folder).resolve() == template.resolve():
+            ignored |= {name for name in names if VARIANT_SEPARATOR in name}
+        return ignored
+
+    shutil.copytree(template, output, dirs_exist_ok=True, ignore=ignore)
+
+
+#: the variant checkpoints of a build: (name, checkpoint), in the order given
+Variants = Sequence[Tuple[str, ck.VocosCheckpoint]]
+
+
+def check_variants(variants: Variants) -> None:
+    """Valid, distinct names; ValueError naming the problem."""
+    seen = set()
+    for name, _ in variants:
+        check_variant_name(name)
+        if name == DEFAULT_VARIANT:
+            raise ValueError(f"variant name {name!r} is reserved for the contract's own models")
+        if name in seen:
+            raise ValueError(f"variant {name!r} is given twice; each variant needs a name of its own")
+        seen.add(name)
+
+
+def render_configs(output: Path, written: Dict[str, Dict[str, object]], template: Optional[Path] = None) -> None:
+    """Each built model's config.pbtxt (and GPU profile) for its checkpoint's geometry, and each variant's
+    ensembles, from the committed templates (:mod:`.render`)."""
+    template = template or template_repository()
+    variants: Dict[str, Dict[str, Dict[str, object]]] = {}
+    for name, provenance in written.items():
+        variants.setdefault(str(provenance["variant"]), {})[name] = provenance
+    for variant, models in variants.items():
+        kinds = {str(p["geometry"][GeometryParameter.KIND]) for p in models.values()}
+        renames = {} if variant == DEFAULT_VARIANT else {
+            m: variant_model(m, variant) for kind in kinds for m in VARIANT_MODELS[kind]}
+        built = {split: name for name in models for split in [_template_name(name)]}
+        ensembles = [m for kind in kinds for m in VARIANT_MODELS[kind] if m not in built]
+        for model in [*built, *ensembles]:
+            target = variant_model(model, variant)
+            provenance = models.get(target)
+            parameters = {}
+            if provenance is not None:
+                parameters = {GeometryParameter.VARIANT: variant, **provenance["geometry"]}
+                lookahead = provenance["parity"].get("lookahead_frames")
+                if lookahead is not None:
+                    parameters["lookahead_frames"] = str(lookahead)
+                kind = str(provenance["geometry"][GeometryParameter.KIND])
+                channels = render.feature_channels(kind, int(provenance["geometry"][GeometryParameter.INPUT_CHANNELS]))
+            else:
+                channels = {}
+            header = "" if variant == DEFAULT_VARIANT else (
+                f"# Variant {variant!r}: rendered by `make repository` (vocos_triton.build.render) from "
+                f"../{model}/config.pbtxt,\n# with this variant's names, geometry and one instance per model; "
+                "the comments below are the template's.\n")
+            source = template / model
+            where = str(source / "config.pbtxt")
+            text = render.render_config((source / "config.pbtxt").read_text(), where, renames=renames,
+                                        parameters=parameters, channels=channels,
+                                        single_instance=variant != DEFAULT_VARIANT, header=header)
+            folder = output / target
+            render.write(folder / "config.pbtxt", text)
+            config = render.load(text, where)
+            if config.platform != "ensemble":
+                render.write(folder / "configs" / "gpu.pbtxt", render_gpu(config))
+                if variant != DEFAULT_VARIANT:
+                    render.write(folder / "1" / "model.py", (source / "1" / "model.py").read_text())
+            else:
+                (folder / "1").mkdir(parents=True, exist_ok=True)
+
+
+def _template_name(model: str) -> str:
+    return model.partition(VARIANT_SEPARATOR)[0]
 
 
 def build_repository(
@@ -338,34 +451,49 @@ def build_repository(
     random_weights: bool = False,
     freeze: bool = True,
     precision: str = "fp32",
+    variants: Variants = (),
 ) -> Dict[str, Dict[str, object]]:
-    """Write every artifact that the given checkpoints allow; returns the provenance per model.
+    """Write every artifact that the given checkpoints allow, and each model's config for its geometry;
+    returns the provenance per model.
 
     ``precision="int8"`` (opt-in, CPU) writes int8 vocoders, ``"fp16"`` (opt-in, GPU) vocoders with an
-    fp16 backbone; the other models stay fp32.
+    fp16 backbone; the other models stay fp32. ``variants`` add their models beside the default ones
+    (an EnCodec-conditioned variant needs ``encodec``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    check_variants(variants)
     copy_template(output)
-    audio = probe_audio()
     artifacts: List[Artifact] = []
     with torch.inference_mode():
         if mel is not None:
-            artifacts += mel_artifacts(mel, audio)
+            artifacts += mel_artifacts(mel)
         if vocos_encodec is not None and encodec is not None:
-            artifacts += encodec_artifacts(vocos_encodec, encodec, audio)
+            artifacts += encodec_artifacts(vocos_encodec, encodec)
+        for name, checkpoint in variants:
+            if checkpoint.variant == "mel":
+                artifacts += mel_artifacts(checkpoint, name)
+            elif encodec is None:
+                raise ck.CheckpointError(f"variant {name!r}: an EnCodec-conditioned Vocos needs the EnCodec 24 kHz "
+                                         "checkpoint (--encodec-checkpoint)")
+            else:
+                artifacts += encodec_artifacts(checkpoint, encodec, name)
     written = {}
+    vocoders = {variant_model(m, v) for m in VOCODERS for v in {a.variant for a in artifacts}}
     for artifact in artifacts:
-        if precision != "fp32" and artifact.name in VOCODERS:
+        if precision != "fp32" and artifact.name in vocoders:
             artifact = artifact.quantized() if precision == "int8" else artifact.halved()
         version_dir = output / artifact.name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
         path, parity = artifact.save_verified(version_dir, freeze)
         provenance = {
             "model": artifact.name,
+            "variant": artifact.variant,
             "random_weights": random_weights,
             "warning": RANDOM_WARNING if random_weights else None,
             "sources": artifact.sources,
+            "geometry": artifact.geometry.parameters() if artifact.geometry else {},
+            "backbone": artifact.backbone,
             "torch_version": torch.__version__,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "frozen": parity.pop("frozen", None),
@@ -377,6 +505,7 @@ def build_repository(
         written[artifact.name] = provenance
         log.info("%s: %s, %d bytes, parity vs reference %.2e", artifact.name, path.name, path.stat().st_size,
                  parity["max_abs_error_vs_reference"])
+    render_configs(output, written)
     return written
 
 
@@ -402,6 +531,14 @@ def build_repository_atomically(output: Path, *args: object, **kwargs: object) -
     return written
 
 
+def parse_variant(text: str) -> Tuple[str, str]:
+    """``NAME=SOURCE`` -> (name, source); ValueError for anything else."""
+    name, sep, source = text.partition("=")
+    if not sep or not source.strip():
+        raise ValueError(f"expected NAME=SOURCE (e.g. matcha-22k=/models/vocos-22k), got {text!r}")
+    return check_variant_name(name.strip()), source.strip()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Build the Vocos Triton model repository from checkpoints.")
     parser.add_argument("--output", type=Path, default=DEFAULT_REPOSITORY)
@@ -415,8 +552,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="opt-in int8 vocoders (CPU) or fp16-backbone vocoders (GPU); fidelity recorded "
                              "in provenance.json")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=SOURCE",
+                        help="add a variant: its models are named <model>__NAME; SOURCE is a hub id or a local folder "
+                             "(upstream or transformers layout, any geometry); repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        variant_sources = [parse_variant(text) for text in args.variant]
+        check_variants([(name, None) for name, _ in variant_sources])  # type: ignore[misc]
+    except ValueError as exc:
+        print(f"error: --variant: {exc}", file=sys.stderr)
+        return 2
 
     if args.random_weights:
         banner = "#" * 100
@@ -430,14 +576,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mel = ck.load_vocos_checkpoint(mel_source, expected_variant="mel")
         vocos_encodec = ck.load_vocos_checkpoint(encodec_source, expected_variant="encodec")
         encodec = ck.load_encodec_checkpoint(encodec_checkpoint)
+        variants = [(name, ck.load_vocos_checkpoint(source)) for name, source in variant_sources]
+        for name, checkpoint in variants:
+            log.info("variant %s: %s Vocos, %s (%s)", name, checkpoint.variant, checkpoint.geometry.describe(),
+                     checkpoint.source)
         build_repository_atomically(args.output, mel, vocos_encodec, encodec,
                                     random_weights=bool(args.random_weights), freeze=not args.no_freeze,
-                                    precision=args.precision)
+                                    precision=args.precision, variants=variants)
     except ck.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ParityError as exc:
         print(f"error: refusing to write an artifact: {exc}", file=sys.stderr)
+        return 3
+    except render.RenderError as exc:
+        print(f"error: cannot render a model config: {exc}", file=sys.stderr)
         return 3
     log.info("model repository ready: %s", args.output)
     return 0

@@ -101,6 +101,24 @@ _FIELDS = {
     "bandwidths": _Field(("bandwidths",), list(BANDWIDTHS), list(BANDWIDTHS)),
 }
 
+#: the upstream config field each :data:`_FIELDS` value fills (see :func:`_upstream_config`), in dotted form
+_UPSTREAM_FIELDS = {
+    "feature_extractor.init_args.sample_rate": "sample_rate",
+    "feature_extractor.init_args.n_fft": "n_fft",
+    "feature_extractor.init_args.hop_length": "hop_length",
+    "feature_extractor.init_args.n_mels": "input_channels",
+    "feature_extractor.init_args.padding": "padding",
+    "feature_extractor.init_args.bandwidths": "bandwidths",
+    "backbone.init_args.input_channels": "input_channels",
+    "backbone.init_args.dim": "dim",
+    "backbone.init_args.intermediate_dim": "intermediate_dim",
+    "backbone.init_args.num_layers": "num_layers",
+    "head.init_args.dim": "dim",
+    "head.init_args.n_fft": "n_fft",
+    "head.init_args.hop_length": "hop_length",
+    "head.init_args.padding": "padding",
+}
+
 
 @dataclass(frozen=True)
 class KeyLayout:
@@ -153,6 +171,8 @@ class HfCheckpoint:
     state_dict: Dict[str, torch.Tensor]  # upstream key names
     files: Dict[str, Path]  # config + weights file, by name
     details: Dict[str, object] = field(default_factory=dict)  # for provenance
+    #: the config.json name of each upstream field (``backbone.init_args.input_channels`` -> ``n_mels``), for messages
+    field_names: Dict[str, str] = field(default_factory=dict)
 
     @property
     def codebooks_from_encodec(self) -> bool:
@@ -219,6 +239,17 @@ def read_config(path: Path) -> Tuple[str, dict]:
     if variant == "encodec" and values["bandwidths"] != list(BANDWIDTHS):  # 1.5 == 1.5 for int and float alike
         raise _error(f"{path}: bandwidths={values['bandwidths']!r}; expected {list(BANDWIDTHS)} (the served set)")
     return variant, _upstream_config(variant, values)
+
+
+def field_names(raw: dict) -> Dict[str, str]:
+    """The config.json name of each upstream field it fills, for messages: the name the file uses, or all the
+    names the port's revisions used (``n_mels/input_channels/codebook_dim``) when it leaves the field out."""
+    names = {}
+    for dotted, key in _UPSTREAM_FIELDS.items():
+        spec = _FIELDS[key]
+        names[dotted] = "/".join([name for name in spec.names if name in raw] or spec.names)
+    names["backbone.init_args.adanorm_num_embeddings"] = f"len({names['feature_extractor.init_args.bandwidths']})"
+    return names
 
 
 def _value(raw: dict, spec: _Field, variant: str, path: Path) -> object:
@@ -313,12 +344,17 @@ def read(directory: Path) -> HfCheckpoint:
     the key and what was expected."""
     config_path = directory / CONFIG_JSON
     weights_path = weights_file(directory)
+    from .checkpoints import config_geometry
+
     variant, config = read_config(config_path)
+    raw = json.loads(config_path.read_text())
+    names = field_names(raw)
+    config_geometry(config, config_path, names)  # what cannot be served is refused before anything is built
     state = load_weights(weights_path)
     if not state:
         raise _error(f"{weights_path}: holds no tensors; expected the Vocos weights")
     layout = detect_key_layout(list(state), weights_path)
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = raw.get("model_type")
     renamed, origin = to_upstream_keys(state, layout, adaptive=variant == "encodec", path=weights_path)
     try:
         expected = expected_state(config, variant)
@@ -353,7 +389,7 @@ def read(directory: Path) -> HfCheckpoint:
     if variant == "encodec" and _CODEBOOKS_KEY in renamed:
         details["codebook_weights"] = "from this checkpoint"
     return HfCheckpoint(variant, config, renamed, {config_path.name: config_path, weights_path.name: weights_path},
-                        details)
+                        details, names)
 
 
 def _hf_name(upstream: str, layout: KeyLayout, variant: str) -> str:

@@ -51,6 +51,7 @@ from .access import (
 )
 from .guard_process import GUARD_UPSTREAM_HOST, MAX_IN_FLIGHT, GuardProcess
 from .memory import group_members, stub_regions
+from .preflight import check_repository
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
 from .supervisor import ServerSupervisor, clean_up_group
 from .watchdog import StubWatchdog
@@ -355,6 +356,10 @@ class TritonServer:
             raise LaunchError(f"unknown profile {o.profile!r}; expected one of {sorted(PROFILES)}")
         if not any(o.model_repository.glob("*/1/model.pt")):
             raise LaunchError(f"{o.model_repository}: no model.pt artifacts; build them first (make repository)")
+        problems = check_repository(o.model_repository)
+        if problems:
+            raise LaunchError(f"{o.model_repository}: refusing to start, the repository disagrees with itself:\n  "
+                              + "\n  ".join(problems))
         ports = {"gRPC": o.grpc_port, "HTTP": o.http_port, "Metrics": o.metrics_port}
         if len(set(ports.values())) < len(ports):
             raise LaunchError(f"the gRPC, HTTP and metrics ports must differ; got {ports}")

@@ -129,7 +129,8 @@ class StreamingVocos(nn.Module):
         """What the caller needs to cut the audio and end a sequence (attributes do not survive freezing)."""
         return {"hop_length": self.hop_length, "trim_samples": self.trim_samples, "overlap": self.overlap,
                 "delay_frames": self.delay_frames, "flush_frames": self.flush_frames,
-                "input_channels": self.input_channels, "lookahead_frames": self.lookahead_frames()}
+                "input_channels": self.input_channels, "lookahead_frames": self.lookahead_frames(),
+                "n_fft": self.n_fft, "centered": int(self.centered)}
 
     @torch.jit.export
     def lookahead_frames(self) -> int:

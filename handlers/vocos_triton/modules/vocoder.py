@@ -12,7 +12,7 @@ All modules here are TorchScript-compatible (``torch.jit.script``).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -265,6 +265,12 @@ class BatchedVocos(nn.Module):
     @torch.jit.export
     def output_samples(self, lengths: torch.Tensor) -> torch.Tensor:
         return (lengths - 1) * self.hop_length if self.centered else lengths * self.hop_length
+
+    @torch.jit.export
+    def geometry(self) -> Dict[str, int]:
+        """What the serving code checks against the model's config.pbtxt (attributes do not survive freezing)."""
+        return {"input_channels": self.backbone.embed_weight.shape[1], "n_fft": self.head.n_fft,
+                "hop_length": self.hop_length, "centered": int(self.centered)}
 
     @torch.jit.export
     def set_linear_kernel(self, kernel: str) -> None:

@@ -21,7 +21,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..contract import DEADLINE_PARAMETER, DEFAULT_MAX_SECONDS, InvalidInput, Limits, Tensor
+from ..contract import (
+    DEADLINE_PARAMETER,
+    DEFAULT_MAX_SECONDS,
+    Geometry,
+    GeometryParameter,
+    InvalidInput,
+    Limits,
+    Tensor,
+)
 from .allocator import IDLE_RELEASE_S, MemoryReleaser
 from .metrics import AudioSeconds
 
@@ -113,6 +121,41 @@ class TritonModel:
         }
         self.limits = Limits(self.float_parameter("max_seconds", DEFAULT_MAX_SECONDS))
         self.version_dir = os.path.join(args["model_repository"], args["model_version"])
+        self.geometry = self.read_geometry() if GeometryParameter.KIND in self.parameters else None
+
+    def read_geometry(self) -> Geometry:
+        """The geometry config.pbtxt publishes (``parameters``), checked against the dims it declares: a
+        model that would misread its tensors must not load (ValueError, in tritonserver's log)."""
+        where = f"{self.name}/config.pbtxt"
+        geometry = Geometry.from_parameters(self.parameters, where)
+        declared = {t["name"]: [int(d) for d in t.get("dims", [])]
+                    for t in [*self.model_config["input"], *self.model_config["output"]]}
+        dims = declared.get(geometry.feature_tensor)
+        if dims is not None and dims[0] != geometry.input_channels:
+            raise ValueError(f"{where}: {geometry.feature_tensor} is declared {dims}, but the parameter "
+                             f"{GeometryParameter.INPUT_CHANNELS!r} says {geometry.input_channels} "
+                             f"{geometry.feature_name}")
+        return geometry
+
+    def require_geometry(self) -> Geometry:
+        if self.geometry is None:
+            raise ValueError(f"{self.name}/config.pbtxt: no geometry parameters ({GeometryParameter.KIND!r}, ...); "
+                             "rebuild the repository with make repository")
+        return self.geometry
+
+    def check_artifact(self, artifact: Dict[str, int], what: str) -> None:
+        """Refuse to load an artifact whose geometry (its ``geometry()``: input_channels, n_fft, hop_length,
+        centered) differs from what config.pbtxt declares: its requests would be misread or its audio cut at
+        the wrong length. The message names both files and every field that differs."""
+        geometry = self.require_geometry()
+        expected = {"input_channels": geometry.input_channels, "n_fft": geometry.n_fft,
+                    "hop_length": geometry.hop_length, "centered": int(geometry.padding == "center")}
+        wrong = [f"{key}: config {value}, artifact {int(artifact[key])}" for key, value in expected.items()
+                 if key in artifact and int(artifact[key]) != value]
+        if wrong:
+            raise ValueError(f"{self.name}: config.pbtxt ({geometry.describe()}) disagrees with {what}: "
+                             f"{'; '.join(wrong)}; rebuild the repository (make repository) instead of editing "
+                             "either")
 
     def float_parameter(self, key: str, default: float) -> float:
         value = self.parameters.get(key, "")
@@ -149,7 +192,8 @@ class RaggedBatchModel(TritonModel):
         # MB of freed heap the stub may keep for its next forwards before it gives memory back (-1: keep all)
         self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
         # audio seconds returned, for capacity dashboards (models whose output is a waveform)
-        self.audio_seconds = (AudioSeconds(self.pb, self.name, args.get("model_instance_name", self.name))
+        self.audio_seconds = (AudioSeconds(self.pb, self.name, args.get("model_instance_name", self.name),
+                                           self.require_geometry().sample_rate)
                               if Tensor.WAVEFORM in self.output_dtypes else None)
         loaded = self.load_artifact(args, self.version_dir)
         self.configure()

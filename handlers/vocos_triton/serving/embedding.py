@@ -31,8 +31,9 @@ class EncodecEmbeddingModel(RaggedBatchModel):
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
         codes = row[Tensor.CODES]
-        bandwidth = c.validate_codes(codes, c.Bandwidth.parse(row[Tensor.BANDWIDTH]), c.CODES_MIN_FRAMES,
-                                     self.limits.max_code_frames)
+        geometry = self.require_geometry()
+        bandwidth = geometry.validate_codes(codes, c.Bandwidth.parse(row[Tensor.BANDWIDTH]), geometry.min_frames,
+                                            self.limits.max_frames(geometry))
         return codes.shape[1], CodesRow(codes, bandwidth)
 
     def infer(self, items: List[CodesRow]) -> List[Outputs]:

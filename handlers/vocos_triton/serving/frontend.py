@@ -1,4 +1,5 @@
-"""``mel_features``: audio (L,) -> log-mel (100, 1 + L // 256), in numpy on CPU instances.
+"""``mel_features``: audio (L,) -> log-mel (bins, frames), in numpy on CPU instances; the geometry
+(sample rate, bins, n_fft, hop, padding) is the config's, which the artifact must share.
 
 Importing this module imports no torch. A CPU instance runs :class:`.melbank.MelBank` (numpy + MKL's
 FFT, ``melbank.npz``), so the two ``mel_features`` stubs of the CPU profile carry no torch (measured:
@@ -19,13 +20,12 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-from .. import contract as c
 from ..contract import Tensor
 from .base import Outputs, RaggedBatchModel, Row, server_log
 from .dfti import FftUnavailable
 from .melbank import MELBANK_FILE, MelBank
 
-#: a ragged batch of (L,) float32 audio -> each item's (100, 1 + L // 256) log-mel
+#: a ragged batch of (L,) float32 audio -> each item's (bins, frames) log-mel
 FrontEnd = Callable[[Sequence[np.ndarray]], List[np.ndarray]]
 
 
@@ -35,31 +35,37 @@ class AudioRow:
 
 
 class MelFeaturesModel(RaggedBatchModel):
-    """audio (L,) -> mel (100, 1 + L // 256)."""
+    """audio (L,) at the geometry's rate -> mel (bins, frames)."""
 
     def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
+        geometry = self.require_geometry()
         if args.get("model_instance_kind") != "GPU":
             path = os.path.join(version_dir, MELBANK_FILE)
             try:
-                self.front_end: FrontEnd = MelBank.load(path)
-                return f"{path} (numpy, MKL FFT)"
+                bank = MelBank.load(path)
             except (FileNotFoundError, FftUnavailable) as exc:
                 server_log(self.pb, f"{self.name}: serving model.pt with torch instead of the numpy front end: "
                                     f"{exc}", warning=True)
+            else:
+                self.check_artifact({"input_channels": bank.n_mels, "n_fft": bank.n_fft, "hop_length": bank.hop_length,
+                                     "centered": int(bank.pad == bank.n_fft // 2)}, MELBANK_FILE)
+                self.front_end: FrontEnd = bank
+                return f"{path} (numpy, MKL FFT); {geometry.describe()}"
         from .models import TorchScriptMelFeatures  # torch, imported only on this path
 
-        front_end = TorchScriptMelFeatures(args, version_dir, int(self.float_parameter("torch_threads", 0)))
+        front_end = TorchScriptMelFeatures(args, version_dir, int(self.float_parameter("torch_threads", 0)), geometry)
+        self.check_artifact(front_end.module.geometry(), "model.pt")
         self.front_end = front_end
-        return front_end.description
+        return f"{front_end.description}; {geometry.describe()}"
 
     def warm_up(self) -> None:
         for _ in range(2):
-            self.infer([AudioRow(np.zeros(c.SAMPLE_RATE, np.float32))])
+            self.infer([AudioRow(np.zeros(self.geometry.sample_rate, np.float32))])
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
         audio = row[Tensor.AUDIO]
-        c.validate_audio(audio, c.MEL_MIN_SAMPLES, self.limits.max_samples)
-        return c.mel_frames(audio.shape[0]), AudioRow(audio)
+        self.geometry.validate_audio(audio, self.limits.max_seconds)
+        return self.geometry.frames(audio.shape[0]), AudioRow(audio)
 
     def infer(self, items: List[AudioRow]) -> List[Outputs]:
         return [{Tensor.MEL: mel} for mel in self.front_end([it.audio for it in items])]

@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..contract import SAMPLE_RATE
-
 log = logging.getLogger("vocos_triton.serving")
 
 AUDIO_SECONDS = "vocos_audio_seconds_total"
@@ -29,8 +27,9 @@ class AudioSeconds:
     """A counter of the audio seconds one model instance returned (a no-op where the backend has no
     custom metrics)."""
 
-    def __init__(self, pb: Any, model: str, instance: str) -> None:
+    def __init__(self, pb: Any, model: str, instance: str, sample_rate: int) -> None:
         self.model = model
+        self.sample_rate = sample_rate  # the model's (variants differ): the counter is in seconds of audio
         # The family must outlive its metric: the backend refuses to touch a metric whose family was
         # garbage-collected ("the corresponding 'MetricFamily' has been deleted"), so both are kept.
         self.family: Optional[Any] = None
@@ -39,7 +38,7 @@ class AudioSeconds:
         if family_type is None:
             return
         try:
-            self.family = family_type(name=AUDIO_SECONDS, description="Seconds of 24 kHz audio returned",
+            self.family = family_type(name=AUDIO_SECONDS, description="Seconds of audio returned",
                                       kind=family_type.COUNTER)
             self.metric = self.family.Metric(labels={"model": model, "instance": instance})
         except Exception:  # metrics off (--allow-metrics=false): serving goes on without the counter
@@ -51,7 +50,7 @@ class AudioSeconds:
         if self.metric is None or samples <= 0:
             return
         try:
-            self.metric.increment(samples / SAMPLE_RATE)
+            self.metric.increment(samples / self.sample_rate)
         except Exception:
             log.warning("%s: %s stops counting", self.model, AUDIO_SECONDS, exc_info=True)
             self.metric = None

@@ -27,14 +27,9 @@ class EncoderRow:
 
 
 @dataclass(frozen=True)
-class MelRow:
-    mel: np.ndarray  # (100, T) float32
-
-
-@dataclass(frozen=True)
 class FeaturesRow:
-    features: np.ndarray  # (128, T) float32
-    bandwidth_id: int
+    features: np.ndarray  # (C, T) float32: log-mel or EnCodec features
+    bandwidth_id: int  # 0 for the mel vocoders
 
 
 def lengths(arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -46,18 +41,11 @@ def lengths(arrays: Sequence[np.ndarray]) -> torch.Tensor:
 KERNEL_PROBE_SECONDS = 4
 
 
-def _vocoder_probe(channels: int, frames: int, condition: int) -> Tuple[torch.Tensor, ...]:
-    """A vocoder's forward arguments for one random (seeded) item of ``frames`` frames."""
-    features = torch.randn(1, channels, frames, generator=torch.Generator().manual_seed(0))
+def vocoder_probe(geometry: c.Geometry, condition: int) -> Tuple[torch.Tensor, ...]:
+    """A vocoder's forward arguments for one random (seeded) item of :data:`KERNEL_PROBE_SECONDS`."""
+    frames = geometry.frames(KERNEL_PROBE_SECONDS * geometry.sample_rate)
+    features = torch.randn(1, geometry.input_channels, frames, generator=torch.Generator().manual_seed(0))
     return features, torch.tensor([frames]), torch.tensor([condition])
-
-
-def mel_vocoder_probe() -> Tuple[torch.Tensor, ...]:
-    return _vocoder_probe(c.MEL_BINS, c.mel_frames(KERNEL_PROBE_SECONDS * c.SAMPLE_RATE), 0)
-
-
-def encodec_vocoder_probe() -> Tuple[torch.Tensor, ...]:
-    return _vocoder_probe(c.FEATURE_DIM, c.encodec_frames(KERNEL_PROBE_SECONDS * c.SAMPLE_RATE), 2)
 
 
 class TorchScriptMelFeatures:
@@ -65,51 +53,88 @@ class TorchScriptMelFeatures:
     :mod:`vocos_triton.serving.frontend`): ``model.pt``, a TorchScript
     :class:`vocos_triton.modules.features.MelFeatures`, on the instance's device."""
 
-    def __init__(self, args: Dict[str, str], version_dir: str, threads: int) -> None:
+    def __init__(self, args: Dict[str, str], version_dir: str, threads: int, geometry: c.Geometry) -> None:
         self.module, self.device, self.description = load_torchscript(args, version_dir, threads)
+        self.geometry = geometry
 
     def __call__(self, audio: Sequence[np.ndarray]) -> List[np.ndarray]:
         samples = lengths(audio)
         with torch.inference_mode():
             padded = torch.from_numpy(pad_stack(audio)).to(self.device)
             mel = self.module(padded, samples.to(self.device)).cpu().numpy()
-        return [mel[i, :, : c.mel_frames(int(n))] for i, n in enumerate(samples)]
+        return [mel[i, :, : self.geometry.frames(int(n))] for i, n in enumerate(samples)]
 
 
-class VocosMelModel(TorchScriptModel):
-    """mel (100, T), T >= 2 -> waveform ((T - 1) * 256,)."""
+class VocoderModel(TorchScriptModel):
+    """A vocoder (``vocos_mel``, ``vocos_encodec`` and their variants): features (C, T) [+ bandwidth_id]
+    -> waveform; C, the frames-to-samples rule and the limits come from the config's geometry, which the
+    artifact must share."""
+
+    def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
+        self.require_geometry()
+        loaded = super().load_artifact(args, version_dir)
+        if not hasattr(self.module, "geometry"):
+            raise ValueError(f"{self.name}: model.pt has no geometry() (exported by an older build); rebuild the "
+                             "repository with make repository")
+        self.check_artifact(self.module.geometry(), "model.pt")
+        return f"{loaded}; {self.geometry.describe()}"
 
     def warm_up(self) -> None:
         for _ in range(2):
-            self.infer([MelRow(np.zeros((c.MEL_BINS, 94), np.float32))])
+            self.infer([self.make_row(np.zeros((self.geometry.input_channels, 94), np.float32), 0)])
+
+    def kernel_probe(self) -> Tuple[torch.Tensor, ...]:
+        return vocoder_probe(self.require_geometry(), self.probe_condition)
+
+    def make_row(self, features: np.ndarray, condition: int) -> FeaturesRow:
+        return FeaturesRow(features, condition)
+
+    probe_condition = 0
+
+    def infer(self, items: List[FeaturesRow]) -> List[Outputs]:
+        features = [it.features for it in items]
+        frames = lengths(features).to(self.device)
+        condition = torch.tensor([it.bandwidth_id for it in items], dtype=torch.long, device=self.device)
+        waveform = self.module(self.tensor(pad_stack(features)), frames, condition).cpu().numpy()
+        return [{Tensor.WAVEFORM: waveform[i, : self.geometry.waveform_samples(int(n))]}
+                for i, n in enumerate(frames)]
+
+
+class VocosMelModel(VocoderModel):
+    """mel (bins, T), T >= the geometry's minimum -> waveform ((T - 1) * hop or T * hop,)."""
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
         mel = row[Tensor.MEL]
-        c.validate_mel(mel, c.MEL_MIN_FRAMES, self.limits.max_mel_frames)
-        return mel.shape[1], MelRow(mel)
+        self.geometry.validate_features(mel, self.geometry.min_frames, self.limits.max_frames(self.geometry),
+                                        Tensor.MEL)
+        return mel.shape[1], FeaturesRow(mel, 0)
 
-    def kernel_probe(self) -> Tuple[torch.Tensor, ...]:
-        return mel_vocoder_probe()
 
-    def infer(self, items: List[MelRow]) -> List[Outputs]:
-        mels = [it.mel for it in items]
-        frames = lengths(mels).to(self.device)
-        condition = torch.zeros_like(frames)
-        waveform = self.module(self.tensor(pad_stack(mels)), frames, condition).cpu().numpy()
-        return [{Tensor.WAVEFORM: waveform[i, : c.mel_waveform_samples(int(n))]} for i, n in enumerate(frames)]
+class VocosEncodecModel(VocoderModel):
+    """features (128, T), bandwidth_id (1,) -> waveform (T * 320,)."""
+
+    probe_condition = 2
+
+    def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
+        features = row[Tensor.FEATURES]
+        self.geometry.validate_features(features, self.geometry.min_frames, self.limits.max_frames(self.geometry),
+                                        Tensor.FEATURES)
+        return features.shape[1], FeaturesRow(features, c.validate_bandwidth_id(row[Tensor.BANDWIDTH_ID]))
 
 
 class EncodecEncoderModel(TorchScriptModel):
     """audio (L,), bandwidth (1,) kbps -> codes (K, ceil(L / 320)), K = 2/4/8/16."""
 
     def warm_up(self) -> None:
-        self.infer([EncoderRow(np.zeros(c.SAMPLE_RATE, np.float32), c.Bandwidth.from_index(len(c.BANDWIDTHS) - 1))])
+        geometry = self.require_geometry()
+        self.infer([EncoderRow(np.zeros(geometry.sample_rate, np.float32),
+                               c.Bandwidth.from_index(len(c.BANDWIDTHS) - 1))])
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
         audio = row[Tensor.AUDIO]
         bandwidth = c.Bandwidth.parse(row[Tensor.BANDWIDTH])
-        c.validate_audio(audio, c.ENCODEC_MIN_SAMPLES, self.limits.max_samples)
-        return c.encodec_frames(audio.shape[0]), EncoderRow(audio, bandwidth)
+        self.geometry.validate_audio(audio, self.limits.max_seconds)
+        return self.geometry.frames(audio.shape[0]), EncoderRow(audio, bandwidth)
 
     def check_request(self, rows: List[Row]) -> None:
         if len({row.bandwidth for _, row in rows}) > 1:
@@ -123,29 +148,6 @@ class EncodecEncoderModel(TorchScriptModel):
             self.tensor(pad_stack(audio)), samples.to(self.device), codebooks.to(self.device)
         ).cpu().numpy()
         return [
-            {Tensor.CODES: codes[i, : it.bandwidth.codebooks, : c.encodec_frames(int(n))]}
+            {Tensor.CODES: codes[i, : it.bandwidth.codebooks, : self.geometry.frames(int(n))]}
             for i, (it, n) in enumerate(zip(items, samples))
         ]
-
-
-class VocosEncodecModel(TorchScriptModel):
-    """features (128, T), bandwidth_id (1,) -> waveform (T * 320,)."""
-
-    def warm_up(self) -> None:
-        for _ in range(2):
-            self.infer([FeaturesRow(np.zeros((c.FEATURE_DIM, 75), np.float32), 2)])
-
-    def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
-        features = row[Tensor.FEATURES]
-        c.validate_features(features, c.FEATURES_MIN_FRAMES, self.limits.max_code_frames)
-        return features.shape[1], FeaturesRow(features, c.validate_bandwidth_id(row[Tensor.BANDWIDTH_ID]))
-
-    def kernel_probe(self) -> Tuple[torch.Tensor, ...]:
-        return encodec_vocoder_probe()
-
-    def infer(self, items: List[FeaturesRow]) -> List[Outputs]:
-        features = [it.features for it in items]
-        frames = lengths(features).to(self.device)
-        condition = torch.tensor([it.bandwidth_id for it in items], dtype=torch.long, device=self.device)
-        waveform = self.module(self.tensor(pad_stack(features)), frames, condition).cpu().numpy()
-        return [{Tensor.WAVEFORM: waveform[i, : c.encodec_waveform_samples(int(n))]} for i, n in enumerate(frames)]

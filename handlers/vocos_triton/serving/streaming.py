@@ -97,18 +97,19 @@ class StreamingModel(TritonModel):
         self.max_open_sequences = int(self.float_parameter("max_open_sequences", 32))
         self.module, self.device, loaded = load_torchscript(args, self.version_dir,
                                                             int(self.float_parameter("torch_threads", 0)))
-        self.geometry = {k: int(v) for k, v in self.module.geometry().items()}
+        self.cuts = {k: int(v) for k, v in self.module.geometry().items()}
+        self.check_artifact(self.cuts, "model.pt")
         published = int(self.float_parameter("lookahead_frames", -1))
-        if published != self.geometry["lookahead_frames"]:
+        if published != self.cuts["lookahead_frames"]:
             raise ValueError(f"{self.name}: config lookahead_frames is {published}, the artifact's is "
-                             f"{self.geometry['lookahead_frames']}; fix config.pbtxt")
+                             f"{self.cuts['lookahead_frames']}; rebuild the repository (make repository)")
         self.kernel_choice: Optional[KernelChoice] = choose_and_log_kernel(
             self.module, self.device, self.kernel_probe(), self.name, self.pb)
         self.load_extra()
         # MB of freed activations the stub may keep for its next steps (see allocator.py; -1: keep all)
         self.memory_releaser = MemoryReleaser(self.float_parameter("retain_memory_mb", -1))
         instance = args.get("model_instance_name", self.name)
-        self.audio_seconds = AudioSeconds(self.pb, self.name, instance)
+        self.audio_seconds = AudioSeconds(self.pb, self.name, instance, self.require_geometry().sample_rate)
         self.first_audio = LatencyHistogram(self.pb, FIRST_AUDIO, "Seconds from a stream's first request reaching "
                                             "the model to its first audio leaving it", self.name, instance)
         self.sequences: Dict[int, Sequence] = {}  # open sequences by CORRID
@@ -124,7 +125,7 @@ class StreamingModel(TritonModel):
         if self.kernel_choice is not None:
             loaded += f", linear kernel {self.kernel_choice.describe()}"
         log.info("%s: loaded %s; lookahead %d frames, pieces of <= %d frames, <= %d open sequences, idle "
-                 "timeout %.0f s", self.name, loaded, self.geometry["lookahead_frames"], self.max_piece_frames,
+                 "timeout %.0f s", self.name, loaded, self.cuts["lookahead_frames"], self.max_piece_frames,
                  self.max_open_sequences, self.idle_timeout_s)
 
     # -- subclass hooks ------------------------------------------------------------------------
@@ -133,10 +134,10 @@ class StreamingModel(TritonModel):
 
     def min_frames(self) -> int:
         """The least frames a whole sequence may have (the offline model's minimum)."""
-        raise NotImplementedError
+        return self.geometry.min_frames
 
     def max_frames(self) -> int:
-        raise NotImplementedError
+        return self.limits.max_frames(self.geometry)
 
     def read_chunk(self, arrays: Dict[str, np.ndarray], sequence: Optional[Sequence]) -> tuple:
         """Validate one request's tensors; return (vocoder frames (C, T), condition, bandwidth or None)."""
@@ -286,7 +287,7 @@ class StreamingModel(TritonModel):
         return step
 
     def run_step(self, step: List[Piece]) -> None:
-        flush = self.geometry["flush_frames"]
+        flush = self.cuts["flush_frames"]
         pieces, lengths, positions, ends = [], [], [], []
         for piece in step:
             frames = [chunk.frames[:, chunk.done : chunk.done + count] for chunk, count in piece.parts]
@@ -318,7 +319,7 @@ class StreamingModel(TritonModel):
             for i, piece in enumerate(step):
                 sequence = piece.sequence
                 sequence.state = [tensor[i : i + 1] for tensor in new_state]
-                start, stop = piece_bounds(self.geometry, positions[i], lengths[i], ends[i], piece.last)
+                start, stop = piece_bounds(self.cuts, positions[i], lengths[i], ends[i], piece.last)
                 samples = audio[i, start:stop]
                 sequence.fed += lengths[i]
                 sequence.last_active = time.monotonic()
@@ -356,14 +357,14 @@ class StreamingModel(TritonModel):
     def kernel_probe(self) -> tuple:
         """A busy step to time the Linear kernels on: 4 sequences, a full piece each, mid-stream."""
         batch, width = 4, self.max_piece_frames
-        frames = torch.randn(batch, self.geometry["input_channels"], width, generator=torch.Generator().manual_seed(0))
+        frames = torch.randn(batch, self.cuts["input_channels"], width, generator=torch.Generator().manual_seed(0))
         positions = self.long([100] * batch)
         return (frames, self.long([width] * batch), positions, positions + width, self.long([0] * batch),
                 self.module.initial_state(batch))
 
     def warm_up(self) -> None:
         """Two forwards (TorchScript profiles its first runs) on zeros, a few pieces' worth."""
-        channels = self.geometry["input_channels"]
+        channels = self.cuts["input_channels"]
         for _ in range(2):
             with torch.inference_mode():
                 frames = torch.zeros(1, channels, self.max_piece_frames, device=self.device)
@@ -376,17 +377,11 @@ class ServerBusy(RuntimeError):
 
 
 class VocosMelStreamModel(StreamingModel):
-    """mel chunks (100, T >= 1) -> waveform pieces; the whole equals ``vocos_mel`` on the whole mel."""
-
-    def min_frames(self) -> int:
-        return c.MEL_MIN_FRAMES
-
-    def max_frames(self) -> int:
-        return self.limits.max_mel_frames
+    """mel chunks (bins, T >= 1) -> waveform pieces; the whole equals ``vocos_mel`` on the whole mel."""
 
     def read_chunk(self, arrays: Dict[str, np.ndarray], sequence: Optional[Sequence]) -> tuple:
         mel = arrays[Tensor.MEL]
-        c.validate_mel(mel, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames())
+        self.geometry.validate_features(mel, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames(), Tensor.MEL)
         return np.ascontiguousarray(mel, dtype=np.float32), 0, None
 
 
@@ -396,17 +391,11 @@ class DecodeCodesStreamModel(StreamingModel):
     def load_extra(self) -> None:
         self.table = CodebookTable.load(f"{self.version_dir}/{TABLE_FILE}")
 
-    def min_frames(self) -> int:
-        return c.CODES_MIN_FRAMES
-
-    def max_frames(self) -> int:
-        return self.limits.max_code_frames
-
     def read_chunk(self, arrays: Dict[str, np.ndarray], sequence: Optional[Sequence]) -> tuple:
         bandwidth = c.Bandwidth.parse(arrays[Tensor.BANDWIDTH])
         if sequence is not None and sequence.bandwidth != bandwidth:
             raise InvalidInput(Tensor.BANDWIDTH, f"expected the sequence's bandwidth, {sequence.bandwidth.kbps:g} "
                                                  f"kbps, for every chunk, got {bandwidth.kbps:g}")
         codes = arrays[Tensor.CODES]
-        c.validate_codes(codes, bandwidth, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames())
+        self.geometry.validate_codes(codes, bandwidth, c.STREAM_CHUNK_MIN_FRAMES, self.max_frames())
         return self.table.features(codes), bandwidth.index, bandwidth
