@@ -15,12 +15,19 @@ first audio p50/p95/p99 and real-time factor at concurrency 1, 2, 4, 8 for mel a
 ``vocos_mel`` side by side and the issue-13 ratios; ``--only-stream`` runs just that table (no reference
 models, no in-process worker).
 
+With ``--variants`` (on by default when the repository serves variants: ``vocos_mel__NAME`` /
+``vocos_encodec__NAME`` folders) it adds the variant table (``variant_bench.py``): each variant's vocoder
+beside the default one at 1 s and 10 s clips of its own sample rate, batch 1, in-process and through
+Triton, with its fraction of the matmul roofline and the idle PSS of each variant's stubs (``variants.json``);
+``--only-variants`` runs just that table.
+
 It prints the table with the ratios between the columns, the latency Triton + client add to a
 1 s clip, the server's memory (PSS over tritonserver and its stubs), optionally the fidelity and speed
 of the int8 vocoder (``--int8``), and writes ``bench.json`` + ``bench.png`` into ``--out``.
 
     python load_tests/bench.py [--repository model_repository] [--repeats 9] [--out results/bench] [--stream]
     python load_tests/bench.py --only-stream [--stream-seconds 10] [--stream-repeats 5]
+    python load_tests/bench.py --only-variants [--repository DIR] [--repeats 9] [--out results/bench]
 """
 from __future__ import annotations
 
@@ -51,16 +58,17 @@ import torch  # noqa: E402
 
 from vocos_triton.build import checkpoints as ck  # noqa: E402
 from vocos_triton.build.export import ARTIFACT, PROVENANCE  # noqa: E402
-from vocos_triton.contract import SAMPLE_RATE, Model  # noqa: E402
+from vocos_triton.contract import MEL_24KHZ, Model  # noqa: E402
 from vocos_triton.launcher.memory import process_tree_pss  # noqa: E402
 from vocos_triton.launcher.runtime import Runtime  # noqa: E402
 from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port  # noqa: E402
 from vocos_triton.serving.kernels import parse_log  # noqa: E402
 from vocos_triton.speech import speech_clip  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_bench.py, roofline.py: next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_bench.py, roofline.py, ...: next to this file
 import roofline  # noqa: E402
 import stream_bench  # noqa: E402
+import variant_bench  # noqa: E402
 
 log = logging.getLogger("bench")
 BANDWIDTH = 6.0  # 8 codebooks, Bark's fine tokens
@@ -99,15 +107,18 @@ def load_references(repository: Path):
 
 
 class InProcessWorker:
-    """``inprocess_worker.py`` in the serving runtime; calling ``run(case)`` returns the forward's seconds."""
+    """``inprocess_worker.py`` (or ``script``, with the same arguments and protocol: ``variant_bench.py``) in
+    the serving runtime; calling ``run(case)`` returns the forward's seconds."""
 
-    def __init__(self, runtime: Runtime, repository: Path, inputs: Dict[str, np.ndarray], threads: int) -> None:
+    def __init__(self, runtime: Runtime, repository: Path, inputs: Dict[str, np.ndarray], threads: int,
+                 script: Optional[Path] = None) -> None:
         self._inputs = tempfile.NamedTemporaryFile(suffix=".npz")
         np.savez(self._inputs, **inputs)
         self._inputs.flush()
+        script = script or Path(__file__).with_name("inprocess_worker.py")
         self.process = subprocess.Popen(
-            [str(runtime.python), str(Path(__file__).with_name("inprocess_worker.py")), str(repository),
-             self._inputs.name, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [str(runtime.python), str(script), str(repository), self._inputs.name, str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.banner = self.process.stdout.readline().strip()
         if not self.banner.startswith("ready"):
             raise RuntimeError(f"in-process worker failed to start ({runtime.python})")
@@ -141,7 +152,7 @@ def build_cases(reference_mel, reference_encodec, client, seconds_list, batches)
     bandwidth_id = torch.tensor([2])
     cases, inprocess_inputs = [], {}
     for seconds in seconds_list:
-        audio = torch.from_numpy(speech_clip(seconds * SAMPLE_RATE, seed=seconds))[None]
+        audio = torch.from_numpy(speech_clip(seconds * MEL_24KHZ.sample_rate, seed=seconds))[None]
         with torch.inference_mode():
             mel = reference_mel.feature_extractor(audio)  # (1, 100, T)
             reference_encodec.feature_extractor.encodec.set_target_bandwidth(BANDWIDTH)
@@ -192,7 +203,7 @@ def int8_report(repository: Path, reference_mel, repeats: int) -> Dict[str, floa
     set_quantized_engine()
     fp32 = torch.jit.load(str(repository / Model.VOCOS_MEL / "1" / ARTIFACT)).eval()
     int8 = torch.jit.freeze(torch.jit.script(quantize_vocoder(BatchedVocos(reference_mel).eval())))
-    audio = torch.from_numpy(speech_clip(10 * SAMPLE_RATE, seed=99))[None]
+    audio = torch.from_numpy(speech_clip(10 * MEL_24KHZ.sample_rate, seed=99))[None]
     times: Dict[str, List[float]] = {"fp32": [], "int8": []}
     with torch.inference_mode():
         mel = reference_mel.feature_extractor(audio)
@@ -264,6 +275,41 @@ def streaming_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_variants(plan: variant_bench.Plan, server: TritonServer, client, memory_idle: dict,
+                 args: argparse.Namespace) -> dict:
+    """The variant table's measurements on a running server (its in-process worker: ``variant_bench.py``)."""
+    def start_worker(inputs: Dict[str, np.ndarray]) -> InProcessWorker:
+        return InProcessWorker(server.runtime, args.repository.resolve(), inputs, args.threads,
+                               script=variant_bench.WORKER)
+
+    result = variant_bench.run(plan, client, start_worker, args.repeats, memory_idle, log.info)
+    result["runtime"] = server.runtime.describe()
+    result["reference_torch"] = torch.__version__
+    return result
+
+
+def print_variants(result: dict) -> None:
+    variant_bench.print_report(result)
+    print(f"in-process worker and Triton stubs: {result['runtime']}; {result['in_process_worker']}")
+
+
+def variants_only(args: argparse.Namespace) -> int:
+    """``--only-variants``: the roofline, a server, the variant table, ``variants.json``; nothing else."""
+    from vocos_client import VocosClient
+
+    plan = variant_bench.prepare(args.repository, args.seconds, log.info)  # before the server: the roofline
+    options = ServerOptions(model_repository=args.repository.resolve(), grpc_port=free_port(), http_port=free_port(),
+                            metrics_port=free_port(), build_dir=args.out / "triton")
+    with TritonServer(options, log_file=args.out / "tritonserver.log") as server, \
+            VocosClient(server.grpc_url, timeout=120) as client:
+        memory_idle = variant_bench.variant_memory(server.process.pid)
+        result = run_variants(plan, server, client, memory_idle, args)
+    print_variants(result)
+    (args.out / "variants.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'variants.json'}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -278,6 +324,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--stream-seconds", type=float, default=10.0, help="clip length of the streaming table")
     parser.add_argument("--stream-repeats", type=int, default=5, help="rounds of the streaming table")
     parser.add_argument("--stream-concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
+                        help="also the variant table (variant_bench.py; default: when the repository has variants)")
+    parser.add_argument("--only-variants", action="store_true", help="only the variant table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -287,15 +336,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only_stream:
         return streaming_only(args)
+    if args.only_variants:
+        return variants_only(args)
+    with_variants = bool(variant_bench.variant_models(args.repository)) if args.variants is None else args.variants
     reference_mel, reference_encodec = load_references(args.repository)
     # before the server starts: the roofline needs the cores to itself
-    machine = roofline.machine_report({"mel": reference_mel, "encodec": reference_encodec}, SAMPLE_RATE)
+    machine = roofline.machine_report({"mel": reference_mel, "encodec": reference_encodec}, MEL_24KHZ.sample_rate)
     roofline.print_machine(machine)
+    plan = variant_bench.prepare(args.repository, args.seconds, log.info) if with_variants else None
     options = ServerOptions(model_repository=args.repository.resolve(), grpc_port=free_port(), http_port=free_port(),
                             metrics_port=free_port(), build_dir=args.out / "triton")
     with TritonServer(options, log_file=args.out / "tritonserver.log") as server, \
             VocosClient(server.grpc_url, timeout=120) as client:
         memory_idle = process_tree_pss(server.process.pid)
+        variant_memory = variant_bench.variant_memory(server.process.pid) if plan else None
         cases, inputs = build_cases(reference_mel, reference_encodec, client, args.seconds, args.batches)
         worker = InProcessWorker(server.runtime, args.repository.resolve(), inputs, args.threads)
         try:
@@ -306,6 +360,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             worker.close()
         memory_loaded = process_tree_pss(server.process.pid)
+        variants = run_variants(plan, server, client, variant_memory, args) if plan else None
         streaming = run_streaming(server.grpc_url, args) if args.stream else None
     rows = print_table(cases)
     systems = ("reference", "in-process", "triton")
@@ -337,6 +392,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         q = report["int8"]
         print(f"int8 vocoder (opt-in, mel 10 s): {q['speedup']:.2f}x the fp32 speed, "
               f"max abs error {q['max_abs_error']:.3g}, SNR {q['snr_db']:.1f} dB vs fp32")
+    if variants is not None:
+        report["variants"] = variants
+        print_variants(variants)
+        (args.out / "variants.json").write_text(json.dumps(variants, indent=2))
     if streaming is not None:
         report["streaming"] = streaming
         stream_bench.print_report(streaming)

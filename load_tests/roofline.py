@@ -7,6 +7,8 @@ roofline, and the vocoder's FLOPs per audio second counted from its layers.
   layers): 2 x multiply-adds of every Conv1d and Linear of its backbone and head per frame, plus the
   inverse real FFT of the ISTFT (2.5 n log2 n per frame), times frames per second. Counted from the
   module's shapes, so it follows whatever checkpoint the repository was built from.
+  :func:`shape_flops` counts the same from a backbone shape (dim, intermediate_dim, num_layers, as a
+  model's ``provenance.json`` records it) and the geometry, where no reference model is at hand.
 - :func:`matmul_roofline`: the fp32 GFLOP/s that torch reaches on all cores on the vocoder's own
   Linear shapes (rows like a batch of 8 x 10 s), the best of the matmul implementations torch has
   (oneDNN fused, MKL via F.linear): the ceiling for a model whose FLOPs are >95% those matmuls.
@@ -105,6 +107,34 @@ def vocoder_flops(vocos: nn.Module, sample_rate: int) -> Dict[str, float]:
             "frames_per_second": frames_per_second, "per_audio_second": total * frames_per_second}
 
 
+#: ConvNeXt's depthwise convolution and the backbone's input convolution (vocos.models.VocosBackbone)
+CONVNEXT_KERNEL, EMBED_KERNEL = 7, 7
+
+
+def shape_linear_shapes(backbone: Dict[str, int], n_fft: int) -> List[Tuple[int, int]]:
+    """(in, out) of every Linear of a Vocos backbone + ISTFT head of this shape, as :func:`linear_shapes`."""
+    dim, hidden = int(backbone["dim"]), int(backbone["intermediate_dim"])
+    return [(dim, hidden), (hidden, dim)] * int(backbone["num_layers"]) + [(dim, n_fft + 2)]
+
+
+def shape_flops(backbone: Dict[str, int], input_channels: int, n_fft: int, hop_length: int,
+                sample_rate: int) -> Dict[str, float]:
+    """What :func:`vocoder_flops` counts, from the backbone's shape and the geometry instead of a module:
+    the input Conv1d (input_channels -> dim, kernel 7), per ConvNeXt block a depthwise Conv1d (kernel 7)
+    and the two pointwise Linears (dim -> intermediate_dim -> dim), the head's Linear (dim -> n_fft + 2)
+    and the inverse FFT. (The EnCodec-conditioned model's AdaLayerNorm is an Embedding lookup: no FLOPs.)"""
+    dim, layers = int(backbone["dim"]), int(backbone["num_layers"])
+    per_frame = {
+        "linear": sum(2.0 * i * o for i, o in shape_linear_shapes(backbone, n_fft)),
+        "conv": 2.0 * input_channels * dim * EMBED_KERNEL + layers * 2.0 * dim * CONVNEXT_KERNEL,
+        "fft": 2.5 * n_fft * math.log2(n_fft),
+    }
+    frames_per_second = sample_rate / hop_length
+    total = sum(per_frame.values())
+    return {"per_frame": total, **{f"{k}_share": v / total for k, v in per_frame.items()},
+            "frames_per_second": frames_per_second, "per_audio_second": total * frames_per_second}
+
+
 @dataclass
 class Roofline:
     gflops: float  # FLOP-weighted over the shapes, each at its fastest implementation
@@ -152,6 +182,14 @@ def matmul_roofline(shapes: Sequence[Tuple[int, int]], rows: int = 4096, repeats
                     rows=rows, threads=torch.get_num_threads())
 
 
+def weighted_gflops(roofline: Roofline, shapes: Sequence[Tuple[int, int]]) -> float:
+    """The roofline of one model out of a measurement over several models' shapes: the FLOP-weighted rate over
+    ``shapes`` (with their repeats), each at its fastest implementation (every shape must have been measured)."""
+    rates = {shape: max(r.values()) for shape, r in roofline.by_shape.items()}
+    total_flop = sum(i * o for i, o in shapes)
+    return total_flop / sum(i * o / rates[f"{i}x{o}"] for i, o in shapes)
+
+
 def roofline_fractions(rows: List[dict], flops_per_audio_second: Dict[str, float], roofline_gflops: float,
                        systems: Sequence[str]) -> List[dict]:
     """Each bench row's real-time factors as fractions of the roofline: rtf x FLOPs per audio s / roofline."""
@@ -175,7 +213,7 @@ def print_fractions(fractions: List[dict], systems: Sequence[str]) -> None:
 
 
 def machine_report(references: Dict[str, nn.Module], sample_rate: int, rows: int = 4096) -> dict:
-    """CPU, ISA, roofline (measured on the first reference's Linear shapes) and each variant's FLOPs."""
+    """CPU, ISA, roofline (measured on the references' Linear shapes) and each variant's FLOPs."""
     cpu = cpu_info()
     flops = {variant: vocoder_flops(vocos, sample_rate) for variant, vocos in references.items()}
     shapes = [s for vocos in references.values() for s in linear_shapes(vocos)]
