@@ -13,9 +13,16 @@ import torch
 
 from vocos_triton.build import checkpoints as ck
 from vocos_triton.build.export import build_repository
-from vocos_triton.build.random_checkpoints import write_all, write_test_variants
+from vocos_triton.build.random_checkpoints import write_all, write_random_vocos_encodec, write_test_variants
 from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port
 from vocos_triton.speech import speech_clip
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Tests marked ``ends_session_server`` (they kill or stop the session's tritonserver) run after every other
+    test, in their own order, whatever files were collected after theirs."""
+    items.sort(key=lambda item: item.get_closest_marker("ends_session_server") is not None)
+
 
 # Tests and the server share 2 cores; keep the test process from starving the stubs.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -61,12 +68,25 @@ def variant_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, c
     return {name: ck.load_vocos_checkpoint(str(path)) for name, path in paths.items()}
 
 
+#: the EnCodec-conditioned test variant: a smaller backbone than the hub's (256 x 4), its own weights
+ENCODEC_VARIANT = "codec-small"
+
+
+@pytest.fixture(scope="session")
+def encodec_variant_checkpoint(tmp_path_factory, checkpoint_paths) -> ck.VocosCheckpoint:
+    folder = write_random_vocos_encodec(tmp_path_factory.mktemp("encodec-variant") / ENCODEC_VARIANT,
+                                        checkpoint_paths["encodec"], seed=3, dim=256, intermediate_dim=768,
+                                        num_layers=4)
+    return ck.load_vocos_checkpoint(str(folder), expected_variant="encodec")
+
+
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory, mel_checkpoint, encodec_vocos_checkpoint, encodec_checkpoint,
-               variant_checkpoints) -> Path:
+               variant_checkpoints, encodec_variant_checkpoint) -> Path:
     output = tmp_path_factory.mktemp("model_repository")
+    variants = [*sorted(variant_checkpoints.items()), (ENCODEC_VARIANT, encodec_variant_checkpoint)]
     build_repository(output, mel_checkpoint, encodec_vocos_checkpoint, encodec_checkpoint, random_weights=True,
-                     variants=sorted(variant_checkpoints.items()))
+                     variants=variants)
     return output
 
 

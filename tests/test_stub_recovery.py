@@ -138,6 +138,7 @@ def test_killed_streaming_stub_ends_open_streams_and_is_restored(triton, referen
     assert ref.max_error(audio, offline) <= 1e-4
 
 
+@pytest.mark.ends_session_server
 def test_crashed_tritonserver_is_restarted_on_the_same_ports(triton, reference_mel, speech_1s):
     """Last: tritonserver itself dies (as 2.51 does when a decoupled stub dies holding a queue lock): the
     supervisor removes what its stubs left in /dev/shm, starts it again on the same ports with a new
@@ -159,6 +160,7 @@ def test_crashed_tritonserver_is_restarted_on_the_same_ports(triton, reference_m
     assert watchdog is not None and watchdog.is_alive() and watchdog.server_pid == triton.process.pid
 
 
+@pytest.mark.ends_session_server
 def test_stopping_a_dead_server_leaves_no_orphaned_stubs(triton):
     """Very last (it stops the session's server): when tritonserver died and nobody restarts it, stop()
     still ends its orphaned stubs and removes their shared memory (they would hold ~1 GB and CPU)."""

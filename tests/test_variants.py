@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import ENCODEC_VARIANT
 
 from vocos_client import InvalidInputError, VocosClient
 from vocos_client.cli import main as cli_main
@@ -26,6 +27,8 @@ from vocos_triton.build.export import build_repository_atomically, check_variant
 from vocos_triton.launcher.preflight import check_repository
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
 from vocos_triton.speech import SENTENCES, speech
+
+import reference_outputs as ref
 
 PARITY = 1e-4  # served vs the reference package
 BATCHED = 1e-5  # in a ragged batch vs alone; streamed vs offline
@@ -162,6 +165,30 @@ def test_the_cli_writes_the_variants_rate(triton, variant_checkpoints, tmp_path,
     assert code == 0, capsys.readouterr().err
     info = sf.info(str(tmp_path / "out" / "in.wav"))
     assert info.samplerate == 44100
+
+
+# -- an EnCodec-conditioned variant: its own backbone and codebooks, EnCodec's shared encoder ----------------
+@pytest.fixture(scope="module")
+def encodec_variant(encodec_variant_checkpoint, encodec_checkpoint) -> torch.nn.Module:
+    return ck.build_reference_vocos(encodec_variant_checkpoint, encodec_checkpoint)
+
+
+def test_an_encodec_variant_decodes_codes_and_audio_as_the_reference(client, encodec_variant, repository):
+    name = ENCODEC_VARIANT
+    reported = {(v.name, v.kind): v for v in client.variants()}[(name, "encodec")]
+    assert (reported.sample_rate, reported.input_channels, reported.hop_length) == (24000, 128, 320)
+    assert tuple(reported.bandwidths) == c.BANDWIDTHS
+    assert set(reported.models) == {c.variant_model(m, name) for m in c.VARIANT_MODELS["encodec"]}
+    assert not (repository / c.variant_model(c.Model.ENCODEC_ENCODER, name)).exists()  # shared
+    audio = speech(SENTENCES[3], sample_rate=24000)[:36_001]
+    for kbps in (1.5, 6.0, 12.0):
+        codes = ref.encodec_codes(encodec_variant, audio, kbps)
+        expected = ref.decode_codes(encodec_variant, codes, kbps)
+        assert max_error(client.synthesize(codes=codes, variant=name), expected) <= PARITY
+        assert max_error(client.synthesize(audio=audio, sample_rate=24000, bandwidth=kbps, variant=name),
+                         ref.encodec_resynthesize(encodec_variant, audio, kbps)) <= PARITY
+        streamed = np.concatenate(list(client.stream(codes=codes, chunk_frames=7, variant=name)))
+        assert max_error(streamed, client.synthesize(codes=codes, variant=name)) <= BATCHED
 
 
 # -- build- and start-time refusals -----------------------------------------------------------------

@@ -152,15 +152,22 @@ def write_random_vocos_mel(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def write_random_vocos_encodec(directory: Path, encodec_path: Path, seed: int = 0) -> Path:
+def write_random_vocos_encodec(directory: Path, encodec_path: Path, seed: int = 0,
+                               **backbone: int) -> Path:
     """``config.yaml`` + ``pytorch_model.bin`` of a random EnCodec-variant Vocos whose
-    ``feature_extractor.codebook_weights`` are the (random) EnCodec checkpoint's first 16 codebooks."""
-    import yaml
+    ``feature_extractor.codebook_weights`` are the (random) EnCodec checkpoint's first 16 codebooks.
+    ``backbone`` (``dim``, ``intermediate_dim``, ``num_layers``) changes the hub config's backbone (an
+    EnCodec-conditioned variant; the head follows ``dim``)."""
     from vocos.pretrained import instantiate_class
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(ENCODEC_CONFIG)
     config = yaml.safe_load(ENCODEC_CONFIG)
+    if backbone:
+        config["backbone"]["init_args"].update(backbone)
+        config["head"]["init_args"]["dim"] = config["backbone"]["init_args"]["dim"]
+        _write_config_yaml(directory / CONFIG_FILE, config)
+    else:
+        (directory / CONFIG_FILE).write_text(ENCODEC_CONFIG)
     torch.manual_seed(seed + 1)
     backbone = instantiate_class(args=(), init=config["backbone"])
     head = instantiate_class(args=(), init=config["head"])
