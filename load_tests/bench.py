@@ -66,6 +66,7 @@ from vocos_triton.serving.kernels import parse_log  # noqa: E402
 from vocos_triton.speech import speech_clip  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_bench.py, roofline.py, ...: next to this file
+import inprocess_worker  # noqa: E402
 import roofline  # noqa: E402
 import stream_bench  # noqa: E402
 import variant_bench  # noqa: E402
@@ -177,22 +178,6 @@ def build_cases(reference_mel, reference_encodec, client, seconds_list, batches)
                 "triton": triton_runner(client, code_items, batch),
             }))
     return cases, inprocess_inputs
-
-
-def measure(cases: List[Case], worker: InProcessWorker, repeats: int, warmup: int = 2) -> None:
-    """Round-robin over cases and systems; a string runner is a case of the in-process worker."""
-    with torch.inference_mode():
-        for round_index in range(warmup + repeats):
-            for case in cases:
-                for system, run in case.runners.items():
-                    if isinstance(run, str):
-                        elapsed = worker.run(run)
-                    else:
-                        started = time.perf_counter()
-                        run()
-                        elapsed = time.perf_counter() - started
-                    if round_index >= warmup:
-                        case.times.setdefault(system, []).append(elapsed)
 
 
 def int8_report(repository: Path, reference_mel, repeats: int) -> Dict[str, float]:
@@ -356,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.info("measuring %d cases x 3 systems, %d repeats; reference: torch %s, %d threads; "
                      "in-process and Triton: %s; in-process worker: %s", len(cases), args.repeats,
                      torch.__version__, torch.get_num_threads(), server.runtime.describe(), worker.banner)
-            measure(cases, worker, args.repeats)
+            inprocess_worker.round_robin(cases, worker, args.repeats)
         finally:
             worker.close()
         memory_loaded = process_tree_pss(server.process.pid)

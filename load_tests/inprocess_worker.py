@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,13 +61,37 @@ def forwards(repository: Path, inputs: Dict[str, np.ndarray]) -> Tuple[Dict[str,
     return calls, kernels
 
 
-def main() -> int:
-    repository, inputs_path, threads = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+def round_robin(cases: Sequence[Any], worker: Any, repeats: int, warmup: int = 2) -> None:
+    """Time every case's systems in turn: ``warmup`` rounds unrecorded, then ``repeats`` recorded (interleaved,
+    so that a noisy machine's noise falls on every system alike). ``case.runners`` maps a system to a callable
+    timed here, or to a string: a case of this worker (``worker.run(case)``, timed in the worker); the seconds
+    go to ``case.times[system]``."""
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            for case in cases:
+                for system, run in case.runners.items():
+                    if isinstance(run, str):
+                        elapsed = worker.run(run)
+                    else:
+                        started = time.perf_counter()
+                        run()
+                        elapsed = time.perf_counter() - started
+                    if round_index >= warmup:
+                        case.times.setdefault(system, []).append(elapsed)
+
+
+Calls = Tuple[Dict[str, Callable[[], object]], str]
+
+
+def serve(argv: Sequence[str], make_calls: Callable[[Path, Dict[str, np.ndarray]], Calls]) -> int:
+    """The worker's side of the protocol: ``argv`` is REPOSITORY INPUTS.npz THREADS, ``make_calls`` turns the
+    repository and the inputs into the timed call of each case and the linear kernels chosen."""
+    repository, inputs_path, threads = Path(argv[0]), Path(argv[1]), int(argv[2])
     hold_freed_memory()  # the stubs' heap policy (vocos_triton.serving.allocator), so the heap is not what differs
     if threads:
         torch.set_num_threads(threads)
     with np.load(inputs_path) as data:
-        calls, kernels = forwards(repository, {key: data[key] for key in data.files})
+        calls, kernels = make_calls(repository, {key: data[key] for key in data.files})
     print(f"ready torch {torch.__version__} threads {torch.get_num_threads()} linear kernels {kernels}",
           flush=True)
     with torch.inference_mode():
@@ -79,6 +103,10 @@ def main() -> int:
             calls[command[1]]()
             print(f"{time.perf_counter() - started:.9f}", flush=True)
     return 0
+
+
+def main() -> int:
+    return serve(sys.argv[1:], forwards)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -58,6 +57,7 @@ from vocos_triton.launcher.memory import process_tree, pss_kb, stub_identity
 from vocos_triton.launcher.preflight import PROVENANCE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # roofline.py: next to this file
+import inprocess_worker  # noqa: E402
 import roofline  # noqa: E402
 
 #: this file: the in-process worker the bench starts for the variant rows
@@ -260,21 +260,6 @@ def triton_call(client, vocoder: Vocoder, item: np.ndarray) -> Callable[[], obje
     return lambda: client.synthesize(mel=item[0], variant=vocoder.entry_variant)
 
 
-def measure(rows: List[Row], worker, repeats: int, warmup: int = 2) -> None:
-    """Round-robin over the rows and systems, as bench.py's ``measure``."""
-    for round_index in range(warmup + repeats):
-        for row in rows:
-            for system, run in row.runners.items():
-                if isinstance(run, str):
-                    elapsed = worker.run(run)
-                else:
-                    started = time.perf_counter()
-                    run()
-                    elapsed = time.perf_counter() - started
-                if round_index >= warmup:
-                    row.times.setdefault(system, []).append(elapsed)
-
-
 def run(plan: Plan, client, start_worker: Callable[[Dict[str, np.ndarray]], object], repeats: int,
         memory_idle: Dict[str, object], log: Log) -> dict:
     """Measure the plan's rows in-process (``start_worker(inputs)``: a worker of this file on the serving
@@ -289,7 +274,7 @@ def run(plan: Plan, client, start_worker: Callable[[Dict[str, np.ndarray]], obje
     try:
         log("variant table: %d vocoders x %s s x 2 systems, batch 1, %d repeats; in-process worker: %s",
             len(plan.vocoders), "/".join(map(str, plan.seconds)), repeats, worker.banner)
-        measure(rows, worker, repeats)
+        inprocess_worker.round_robin(rows, worker, repeats)
     finally:
         worker.close()
     return report(plan, rows, memory_idle, worker.banner)
@@ -403,24 +388,7 @@ def worker_calls(repository: Path, inputs: Dict[str, np.ndarray]) -> Tuple[Dict[
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    from vocos_triton.serving.allocator import hold_freed_memory
-
-    repository, inputs_path, threads = Path(argv[0]), Path(argv[1]), int(argv[2])
-    hold_freed_memory()  # the stubs' heap policy, as inprocess_worker.py
-    if threads:
-        torch.set_num_threads(threads)
-    with np.load(inputs_path) as data:
-        calls, kernels = worker_calls(repository, {key: data[key] for key in data.files})
-    print(f"ready torch {torch.__version__} threads {torch.get_num_threads()} linear kernels {kernels}", flush=True)
-    with torch.inference_mode():
-        for line in sys.stdin:
-            command = line.split()
-            if not command or command[0] == "quit":
-                break
-            started = time.perf_counter()
-            calls[command[1]]()
-            print(f"{time.perf_counter() - started:.9f}", flush=True)
-    return 0
+    return inprocess_worker.serve(argv, worker_calls)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from vocos_triton.build import export
 from vocos_triton.build.export import ARTIFACT, PROVENANCE, ParityError, build_repository, pad_batch
 from vocos_triton.build.half import halve_vocoder
 from vocos_triton.build.quantize import fidelity, quantize_vocoder
-from vocos_triton.contract import MEL_24KHZ
+from vocos_triton.contract import MEL_24KHZ, split_model_name
 from vocos_triton.launcher.runtime import default_runtime_python
 from vocos_triton.modules.vocoder import ATEN, LINEAR_KERNELS, ONEDNN, BatchedVocos, check_linear_kernel
 from vocos_triton.serving import kernels
@@ -128,7 +128,10 @@ def test_vocoder_stubs_measure_and_log_their_kernel_in_the_runtime(triton):
     for line in lines:
         for model, choice in kernels.parse_log(line).items():
             by_model.setdefault(model, []).append(choice)
-    assert set(by_model) == {"vocos_mel", "vocos_encodec", "vocos_mel_stream", "decode_codes_stream"}, by_model
+    torch_models = {"vocos_mel", "vocos_encodec", "vocos_mel_stream", "decode_codes_stream"}
+    served = {path.parent.name for path in triton.options.model_repository.glob("*/config.pbtxt")}
+    assert set(by_model) == {name for name in served if split_model_name(name)[0] in torch_models}, by_model
+    assert torch_models <= set(by_model)  # the default variant's, and every variant's (one instance each)
     for model, choices in by_model.items():
         assert {c.how for c in choices} <= {"measured", "shared"}, (model, choices)
         for choice in choices:
@@ -140,7 +143,7 @@ def test_vocoder_stubs_measure_and_log_their_kernel_in_the_runtime(triton):
         measured = [(c.kernel, c.seconds) for c in choices if c.how == "measured"]
         shared = [(c.kernel, c.seconds) for c in choices if c.how == "shared"]
         assert measured and all(choice in measured for choice in shared), (model, choices)
-        two_instances = model in ("vocos_mel", "vocos_encodec")  # the streaming models run one
+        two_instances = model in ("vocos_mel", "vocos_encodec")  # the streaming models and variants run one
         assert (len(shared) > 0) == two_instances, (model, choices)
 
 
@@ -255,8 +258,7 @@ def test_fp16_export_records_its_snr_and_the_gate_refuses_a_poor_one(tmp_path, m
     assert provenance["parity"]["min_snr_db_vs_reference"] >= export.FP16_MIN_SNR_DB
     vocoder = torch.jit.load(str(tmp_path / "vocos_mel" / "1" / ARTIFACT))
     assert not kernels.switchable(vocoder)  # its backbone runs F.linear: oneDNN has no fp16 CPU primitive
-    artifact = next(a for a in export.mel_artifacts(mel_checkpoint, export.probe_audio()[:2])
-                    if a.name == "vocos_mel")
+    artifact = next(a for a in export.mel_artifacts(mel_checkpoint) if a.name == "vocos_mel")
     strict = replace(artifact.halved(), min_snr_db=provenance["parity"]["min_snr_db_vs_reference"] + 60)
     with pytest.raises(ParityError, match="fp16 module has an SNR of"):
         export.script_and_verify(strict)
