@@ -495,12 +495,17 @@ def test_the_default_variant_falls_back_to_the_charactr_geometry_and_asks_again(
         vc.synthesize(mel=np.zeros((100, 5), np.float32))
     assert fake.calls == [("config", "vocos_mel"), ("infer", "vocos_mel", {"mel": (1, 100, 5)}),
                           ("infer", "vocos_mel", {"mel": (1, 100, 5)})]
-    # unreachable: one try, no retry, the default geometry, and the call's own error
+    # unreachable: the lookup is retried like any call (another replica may answer); once the call's retries are
+    # spent, the input is still checked with the default geometry, and the call fails unavailable without
+    # another attempt
     fake.unreachable = True
+    fake.calls.clear()
+    with pytest.raises(InvalidInputError, match=r"^codes: expected integer codes"):
+        vc.synthesize(codes=np.zeros((8, 5), np.float32), timeout=0.3)
     fake.calls.clear()
     with pytest.raises(ServerUnavailableError):
         vc.synthesize(codes=np.zeros((8, 5), np.int64), timeout=0.3)
-    assert fake.calls[0] == ("config", "vocos_encodec") and fake.calls.count(("config", "vocos_encodec")) == 1
+    assert fake.calls and all(call == ("config", "vocos_encodec") for call in fake.calls)
     with pytest.raises(ValueError, match="kind: expected 'mel' or 'encodec'"):
         vc.sample_rate_of(kind="codes")
 

@@ -35,6 +35,7 @@ from ._common import (
     ProgressCallback,
     batch_calls,
     geometry_keys,
+    lookup_exhausted,
     lookup_failure,
     prepare_batch,
     triton_inputs,
@@ -170,7 +171,7 @@ class AsyncVocosClient(ClientBase):
                     raise missing_variant(variant, kind, await self._model_names(attempts)) from None
                 delay = attempts.next_delay(error)
                 if delay is None:
-                    raise attempts.give_up(error) from exc
+                    return lookup_exhausted(variant, kind, error, attempts)
                 await asyncio.sleep(delay)
 
     async def _model_names(self, attempts: Attempts) -> Optional[List[str]]:
@@ -182,6 +183,7 @@ class AsyncVocosClient(ClientBase):
 
     async def _retrying(self, attempts: Attempts, send: Callable[[], Awaitable[T]]) -> T:
         """``await send()`` (one tritonclient call), retried after ``UNAVAILABLE`` within ``attempts``."""
+        attempts.raise_if_exhausted()
         while True:
             try:
                 return await send()

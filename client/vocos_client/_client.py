@@ -23,6 +23,7 @@ from ._common import (
     ProgressCallback,
     batch_calls,
     geometry_keys,
+    lookup_exhausted,
     lookup_failure,
     prepare_batch,
     triton_inputs,
@@ -212,7 +213,7 @@ class VocosClient(ClientBase):
                     raise missing_variant(variant, kind, self._model_names(attempts)) from None
                 delay = attempts.next_delay(error)
                 if delay is None:
-                    raise attempts.give_up(error) from exc
+                    return lookup_exhausted(variant, kind, error, attempts)
                 time.sleep(delay)
 
     def _model_names(self, attempts: Attempts) -> Optional[List[str]]:
@@ -225,6 +226,7 @@ class VocosClient(ClientBase):
 
     def _retrying(self, attempts: Attempts, send: Callable[[], T]) -> T:
         """``send()`` (one tritonclient call), retried after ``UNAVAILABLE`` within ``attempts``."""
+        attempts.raise_if_exhausted()
         while True:
             try:
                 return send()

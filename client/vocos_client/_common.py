@@ -326,6 +326,13 @@ class Attempts:
         self.start = time.monotonic()
         self.deadline = None if limit is None else self.start + limit
         self.attempt = 0
+        #: the error that used up the retries before the call was sent (a geometry lookup that fell back)
+        self.exhausted: Optional[ServerUnavailableError] = None
+
+    def raise_if_exhausted(self) -> None:
+        """Raise what :meth:`give_up` makes of the error that already used up this call's retries."""
+        if self.exhausted is not None:
+            raise self.give_up(self.exhausted) from self.exhausted
 
     def remaining(self) -> Optional[float]:
         """Seconds left for the next attempt (its gRPC deadline), ``None`` for no limit."""
@@ -468,20 +475,35 @@ RETRY, MISSING = "retry", "missing"
 def lookup_failure(variant: str, kind: str, error: VocosError) -> Union[Geometry, str]:
     """What a failed request for the config of a variant's vocoder means.
 
-    The default variant: its charactr geometry (:data:`~vocos_triton.contract.DEFAULT_GEOMETRY`), whatever
-    went wrong (no server, an old one): the call goes on and reports the server's own error if there is
-    one, and the next call asks again. A named variant: :data:`MISSING` (the server has no such model),
-    :data:`RETRY` (``UNAVAILABLE``: retried under the call's :class:`Attempts`), or ``error`` to raise.
+    ``UNAVAILABLE`` (no connection, a replica shutting down, a model reloading): :data:`RETRY`, under the call's
+    :class:`Attempts` (with several replicas the retry goes to another one); when they run out,
+    :func:`lookup_exhausted`. Otherwise, for the default variant: its charactr geometry
+    (:data:`~vocos_triton.contract.DEFAULT_GEOMETRY`; an older server publishes none), not kept, so the next call
+    asks again. For a named variant: :data:`MISSING` (the server has no such model), or ``error`` to raise.
     """
-    if variant == DEFAULT_VARIANT:
-        log.debug("no geometry from the server for the default %s vocoder (%s); using %s", kind, error.message,
-                  DEFAULT_GEOMETRY[kind].describe())
-        return DEFAULT_GEOMETRY[kind]
-    if is_missing_model(error):
-        return MISSING
     if isinstance(error, ServerUnavailableError):
         return RETRY
+    if variant == DEFAULT_VARIANT:
+        return default_geometry(kind, error)
+    if is_missing_model(error):
+        return MISSING
     raise error
+
+
+def lookup_exhausted(variant: str, kind: str, error: ServerUnavailableError, attempts: Attempts) -> Geometry:
+    """The retries of a geometry lookup ran out: the default variant goes on with its charactr geometry (so a
+    bad input is still reported as such, and the call itself then meets the server's state); a named variant's
+    call fails as unavailable."""
+    if variant == DEFAULT_VARIANT:
+        attempts.exhausted = error  # the call is validated with the fallback, then fails as unavailable unsent
+        return default_geometry(kind, error)
+    raise attempts.give_up(error) from error
+
+
+def default_geometry(kind: str, error: VocosError) -> Geometry:
+    log.debug("no geometry from the server for the default %s vocoder (%s); using %s", kind, error.message,
+              DEFAULT_GEOMETRY[kind].describe())
+    return DEFAULT_GEOMETRY[kind]
 
 
 ENTRY_MODELS: Tuple[str, ...] = tuple(MODELS.values())
