@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -276,6 +276,15 @@ class Geometry:
         return implied
 
     # -- publication in config.pbtxt
+    def dims_problem(self, declared: Mapping[str, Sequence[int]]) -> Optional[str]:
+        """What is wrong with a config's tensor dims (name -> per-item dims) for this geometry: the vocoder
+        input's first dim must be :attr:`input_channels`; None when they agree."""
+        dims = list(declared.get(self.feature_tensor, ()))
+        if dims and dims[0] != self.input_channels:
+            return (f"{self.feature_tensor} dims {dims} disagree with the parameter "
+                    f"{GeometryParameter.INPUT_CHANNELS!r} ({self.input_channels} {self.feature_name})")
+        return None
+
     def parameters(self) -> Dict[str, str]:
         """The geometry as config.pbtxt ``parameters`` (string values), :meth:`from_parameters`' input."""
         published = {GeometryParameter.KIND: self.kind, GeometryParameter.SAMPLE_RATE: str(self.sample_rate),

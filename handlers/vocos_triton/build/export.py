@@ -41,10 +41,12 @@ from ..contract import (
     DEFAULT_VARIANT,
     VARIANT_MODELS,
     VARIANT_SEPARATOR,
+    VOCODERS,
     Geometry,
     GeometryParameter,
     Model,
     check_variant_name,
+    split_model_name,
     variant_model,
 )
 from ..launcher.profiles import render_gpu
@@ -75,8 +77,6 @@ PROBE_SECONDS = ((0.324, True), (1.0, False), (2.0834, True))
 PRECISIONS = ("fp32", "int8", "fp16")
 INT8_MIN_SNR_DB = 25.0  # a floor below what the opt-in int8 vocoders measure (docs/performance.md)
 FP16_MIN_SNR_DB = 40.0  # the opt-in fp16-backbone vocoders (GPU), see vocos_triton.build.half
-#: the models whose artifact ``--precision int8`` / ``fp16`` replaces
-VOCODERS = (Model.VOCOS_MEL, Model.VOCOS_ENCODEC)
 
 
 class ParityError(RuntimeError):
@@ -402,35 +402,21 @@ def render_configs(output: Path, written: Dict[str, Dict[str, object]], template
         variants.setdefault(str(provenance["variant"]), {})[name] = provenance
     for variant, models in variants.items():
         kinds = {str(p["geometry"][GeometryParameter.KIND]) for p in models.values()}
-        renames = {} if variant == DEFAULT_VARIANT else {
-            m: variant_model(m, variant) for kind in kinds for m in VARIANT_MODELS[kind]}
-        built = {split: name for name in models for split in [_template_name(name)]}
-        ensembles = [m for kind in kinds for m in VARIANT_MODELS[kind] if m not in built]
-        for model in [*built, *ensembles]:
-            target = variant_model(model, variant)
-            provenance = models.get(target)
-            parameters = {}
-            if provenance is not None:
-                parameters = {GeometryParameter.VARIANT: variant, **provenance["geometry"]}
-                lookahead = provenance["parity"].get("lookahead_frames")
-                if lookahead is not None:
-                    parameters["lookahead_frames"] = str(lookahead)
-                kind = str(provenance["geometry"][GeometryParameter.KIND])
-                channels = render.feature_channels(kind, int(provenance["geometry"][GeometryParameter.INPUT_CHANNELS]))
-            else:
-                channels = {}
+        own = [model for kind in kinds for model in VARIANT_MODELS[kind]]
+        renames = {} if variant == DEFAULT_VARIANT else {model: variant_model(model, variant) for model in own}
+        built = [split_model_name(name)[0] for name in models]
+        for model in [*built, *(m for m in own if m not in built)]:  # the artifacts' models, then the ensembles
+            parameters, channels = _published(models.get(variant_model(model, variant)), variant)
             header = "" if variant == DEFAULT_VARIANT else (
                 f"# Variant {variant!r}: rendered by `make repository` (vocos_triton.build.render) from "
                 f"../{model}/config.pbtxt,\n# with this variant's names, geometry and one instance per model; "
                 "the comments below are the template's.\n")
             source = template / model
-            where = str(source / "config.pbtxt")
-            text = render.render_config((source / "config.pbtxt").read_text(), where, renames=renames,
-                                        parameters=parameters, channels=channels,
-                                        single_instance=variant != DEFAULT_VARIANT, header=header)
-            folder = output / target
+            text, config = render.render_config((source / "config.pbtxt").read_text(), str(source / "config.pbtxt"),
+                                                renames=renames, parameters=parameters, channels=channels,
+                                                single_instance=variant != DEFAULT_VARIANT, header=header)
+            folder = output / variant_model(model, variant)
             render.write(folder / "config.pbtxt", text)
-            config = render.load(text, where)
             if config.platform != "ensemble":
                 render.write(folder / "configs" / "gpu.pbtxt", render_gpu(config))
                 if variant != DEFAULT_VARIANT:
@@ -439,8 +425,18 @@ def render_configs(output: Path, written: Dict[str, Dict[str, object]], template
                 (folder / "1").mkdir(parents=True, exist_ok=True)
 
 
-def _template_name(model: str) -> str:
-    return model.partition(VARIANT_SEPARATOR)[0]
+def _published(provenance: Optional[Dict[str, object]], variant: str) -> Tuple[Dict[str, str], Dict[str, int]]:
+    """What a built model's config publishes (its variant, geometry and, for a streaming model, its
+    lookahead) and the first dims of its tensors; nothing for an ensemble (no provenance)."""
+    if provenance is None:
+        return {}, {}
+    geometry = dict(provenance["geometry"])
+    parameters = {GeometryParameter.VARIANT: variant, **geometry}
+    lookahead = provenance["parity"].get("lookahead_frames")
+    if lookahead is not None:
+        parameters["lookahead_frames"] = str(lookahead)
+    kind, channels = geometry[GeometryParameter.KIND], int(geometry[GeometryParameter.INPUT_CHANNELS])
+    return parameters, render.feature_channels(kind, channels)
 
 
 def build_repository(
@@ -479,9 +475,9 @@ def build_repository(
             else:
                 artifacts += encodec_artifacts(checkpoint, encodec, name)
     written = {}
-    vocoders = {variant_model(m, v) for m in VOCODERS for v in {a.variant for a in artifacts}}
     for artifact in artifacts:
-        if precision != "fp32" and artifact.name in vocoders:
+        # ``--precision int8`` / ``fp16`` replaces the vocoders' artifacts (every variant's)
+        if precision != "fp32" and split_model_name(artifact.name)[0] in VOCODERS.values():
             artifact = artifact.quantized() if precision == "int8" else artifact.halved()
         version_dir = output / artifact.name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -65,10 +65,11 @@ def load(text: str, where: str) -> mc.ModelConfig:
 
 def render_config(template: str, where: str, *, renames: Mapping[str, str], parameters: Mapping[str, str],
                   channels: Optional[Dict[str, int]] = None, single_instance: bool = False,
-                  header: str = "") -> str:
+                  header: str = "") -> Tuple[str, mc.ModelConfig]:
     """``template`` (a config.pbtxt's text) with ``renames`` (model names, old -> new), ``parameters`` (values of
     keys the template has), ``channels`` (tensor -> first dim), and only its first instance group when
-    ``single_instance``; verified by parsing. ``where`` names the template in errors."""
+    ``single_instance``; verified by parsing. ``where`` names the template in errors. Returns the text and the
+    config it parses to."""
     text = template
     for key, value in parameters.items():
         text = _set_parameter(text, key, value, where)
@@ -82,7 +83,7 @@ def render_config(template: str, where: str, *, renames: Mapping[str, str], para
     text = header + text
     rendered = load(text, where)
     _verify(original, rendered, where, renames, parameters, channels or {}, single_instance)
-    return text
+    return text, rendered
 
 
 def _verify(original: mc.ModelConfig, rendered: mc.ModelConfig, where: str, renames: Mapping[str, str],

@@ -16,6 +16,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..contract import Geometry, GeometryParameter
+from .profiles import load_config
 
 PROVENANCE = "provenance.json"
 
@@ -36,10 +37,9 @@ def check_model(folder: Path, config: mc.ModelConfig) -> List[str]:
     except ValueError as exc:
         return [str(exc)]
     problems = []
-    for tensor in [*config.input, *config.output]:
-        if tensor.name == geometry.feature_tensor and tensor.dims and tensor.dims[0] != geometry.input_channels:
-            problems.append(f"{where}: {tensor.name} dims {list(tensor.dims)} disagree with the parameter "
-                            f"{GeometryParameter.INPUT_CHANNELS!r} ({geometry.input_channels})")
+    dims = geometry.dims_problem({tensor.name: list(tensor.dims) for tensor in [*config.input, *config.output]})
+    if dims:
+        problems.append(f"{where}: {dims}")
     provenance_path = folder / "1" / PROVENANCE
     if provenance_path.is_file():
         exported = json.loads(provenance_path.read_text()).get("geometry") or {}
@@ -55,9 +55,8 @@ def check_repository(repository: Path) -> List[str]:
     problems: List[str] = []
     configs: Dict[str, mc.ModelConfig] = {}
     for path in sorted(repository.glob("*/config.pbtxt")):
-        config = mc.ModelConfig()
         try:
-            text_format.Parse(path.read_text(), config)
+            config = load_config(path)
         except text_format.ParseError as exc:
             problems.append(f"{path}: does not parse ({exc})")
             continue

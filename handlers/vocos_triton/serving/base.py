@@ -128,13 +128,10 @@ class TritonModel:
         model that would misread its tensors must not load (ValueError, in tritonserver's log)."""
         where = f"{self.name}/config.pbtxt"
         geometry = Geometry.from_parameters(self.parameters, where)
-        declared = {t["name"]: [int(d) for d in t.get("dims", [])]
-                    for t in [*self.model_config["input"], *self.model_config["output"]]}
-        dims = declared.get(geometry.feature_tensor)
-        if dims is not None and dims[0] != geometry.input_channels:
-            raise ValueError(f"{where}: {geometry.feature_tensor} is declared {dims}, but the parameter "
-                             f"{GeometryParameter.INPUT_CHANNELS!r} says {geometry.input_channels} "
-                             f"{geometry.feature_name}")
+        problem = geometry.dims_problem({t["name"]: [int(d) for d in t.get("dims", [])]
+                                         for t in [*self.model_config["input"], *self.model_config["output"]]})
+        if problem:
+            raise ValueError(f"{where}: {problem}")
         return geometry
 
     def require_geometry(self) -> Geometry:

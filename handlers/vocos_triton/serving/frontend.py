@@ -47,8 +47,7 @@ class MelFeaturesModel(RaggedBatchModel):
                 server_log(self.pb, f"{self.name}: serving model.pt with torch instead of the numpy front end: "
                                     f"{exc}", warning=True)
             else:
-                self.check_artifact({"input_channels": bank.n_mels, "n_fft": bank.n_fft, "hop_length": bank.hop_length,
-                                     "centered": int(bank.pad == bank.n_fft // 2)}, MELBANK_FILE)
+                self.check_artifact(bank.geometry(), MELBANK_FILE)
                 self.front_end: FrontEnd = bank
                 return f"{path} (numpy, MKL FFT); {geometry.describe()}"
         from .models import TorchScriptMelFeatures  # torch, imported only on this path

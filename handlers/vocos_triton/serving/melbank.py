@@ -11,7 +11,7 @@ this instead of the TorchScript module keeps torch out of the ``mel_features`` s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -52,6 +52,12 @@ class MelBank:
     @property
     def n_mels(self) -> int:
         return self.filterbank.shape[1]
+
+    def geometry(self) -> Dict[str, int]:
+        """What the serving code checks against the model's config.pbtxt, as the TorchScript modules'
+        ``geometry()`` says it."""
+        return {"input_channels": self.n_mels, "n_fft": self.n_fft, "hop_length": self.hop_length,
+                "centered": int(self.pad == self.n_fft // 2)}
 
     def frames(self, audio: np.ndarray) -> np.ndarray:
         """(L,) -> (frames, n_fft): a read-only view of the reflect-padded item's frames (unwindowed)."""

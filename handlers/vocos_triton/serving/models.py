@@ -70,6 +70,9 @@ class VocoderModel(TorchScriptModel):
     -> waveform; C, the frames-to-samples rule and the limits come from the config's geometry, which the
     artifact must share."""
 
+    #: the bandwidth id of the warm-up and the kernel probe (the mel vocoders take none)
+    probe_condition = 0
+
     def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
         self.require_geometry()
         loaded = super().load_artifact(args, version_dir)
@@ -81,15 +84,10 @@ class VocoderModel(TorchScriptModel):
 
     def warm_up(self) -> None:
         for _ in range(2):
-            self.infer([self.make_row(np.zeros((self.geometry.input_channels, 94), np.float32), 0)])
+            self.infer([FeaturesRow(np.zeros((self.geometry.input_channels, 94), np.float32), self.probe_condition)])
 
     def kernel_probe(self) -> Tuple[torch.Tensor, ...]:
         return vocoder_probe(self.require_geometry(), self.probe_condition)
-
-    def make_row(self, features: np.ndarray, condition: int) -> FeaturesRow:
-        return FeaturesRow(features, condition)
-
-    probe_condition = 0
 
     def infer(self, items: List[FeaturesRow]) -> List[Outputs]:
         features = [it.features for it in items]
@@ -113,7 +111,7 @@ class VocosMelModel(VocoderModel):
 class VocosEncodecModel(VocoderModel):
     """features (128, T), bandwidth_id (1,) -> waveform (T * 320,)."""
 
-    probe_condition = 2
+    probe_condition = 2  # 6 kbps
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
         features = row[Tensor.FEATURES]
