@@ -170,8 +170,10 @@ def _bursts_never_reach_tritonserver(server: TritonServer, reference_mel, speech
     statuses: List[str] = []
     for _ in range(3):
         statuses += asyncio.run(_cancellation_burst(server.grpc_url, long_mel, calls=40, deadline_s=1.0))
-    deadlines = [s for s in statuses if s.startswith("[StatusCode.DEADLINE_EXCEEDED]")]
-    assert len(deadlines) >= 10, statuses  # deadlines passed, calls went
+    # calls that could not be in time: their deadline passed (the client went), or the model answered them
+    # at once because their forward would have ended after it
+    too_late = [s for s in statuses if s.startswith("[StatusCode.DEADLINE_EXCEEDED]") or "deadline would pass" in s]
+    assert len(too_late) >= 10, statuses
     # 40 at once is more than the guard lets one model have upstream (8 here): the rest were refused as busy
     refused = [s for s in statuses if "the gRPC guard's limit" in s]
     assert refused and all(s.startswith("[StatusCode.UNAVAILABLE]") for s in refused), statuses
@@ -187,8 +189,9 @@ def _bursts_never_reach_tritonserver(server: TritonServer, reference_mel, speech
     assert "Signal (11)" not in log
     # no cancellation reached tritonserver: no request was seen cancelled by its client
     assert "cancelled by its client" not in log
-    # and work nobody waited for was skipped by its deadline instead of computed
-    assert "deadline had passed" in log or "Request timeout expired" in log
+    # and work nobody waited for was skipped by its deadline instead of computed: already passed, passing
+    # before its forward would end, or refused by tritonserver's queue
+    assert any(words in log for words in ("deadline had passed", "deadline would pass", "Request timeout expired"))
 
 
 def test_stop_is_bounded_fresh(server):

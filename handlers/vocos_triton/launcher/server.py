@@ -261,6 +261,15 @@ class ServerOptions:
         return TritonDistribution.find(python_version)
 
 
+#: each stub's shared-memory region (the Python backend's requests and responses pass through it): big
+#: enough from the start for the largest batch of the contract (eight 60 s items in and out, about
+#: 64 MB), so that a burst never makes it grow. The backend's defaults (1 MB, grown 1 MB at a time)
+#: grew it dozens of times in a burst of 60 s requests, and the burst crashes of tritonserver 2.51 (signal
+#: 11, a SIGBUS in libtriton_python.so, boost lock_exception) all came with such bursts. tmpfs pages
+#: cost memory only once touched, so the idle footprint does not change.
+PYTHON_BACKEND_SHM = {"shm-growth-byte-size": 64 << 20}
+
+
 class TritonServer:
     """A tritonserver process on a model repository; a context manager that stops it on exit."""
 
@@ -332,6 +341,7 @@ class TritonServer:
             f"--exit-timeout-secs={o.exit_timeout_s}",
             f"--log-verbose={o.log_verbose}",
         ]
+        args += [f"--backend-config=python,{key}={value}" for key, value in PYTHON_BACKEND_SHM.items()]
         args += [f"--metrics-config={setting}" for setting in o.metrics_config]
         config_name = PROFILES[o.profile]
         if config_name:

@@ -257,6 +257,10 @@ class BatchedVocos(nn.Module):
         self.head = BatchedISTFTHead(vocos.head)
         self.centered: bool = vocos.head.istft.padding == "center"
         self.hop_length: int = vocos.head.istft.hop_length
+        # frames either side of a frame that its audio depends on: the backbone's convolutions (the embedding's
+        # and each block's half-kernel) and the ISTFT's window (n_fft / hop frames cover each sample)
+        self.context_frames: int = (self.backbone.embed_padding + 3 * len(self.backbone.blocks)
+                                    + self.head.overlap)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         x = self.backbone(features, lengths, condition)
@@ -270,7 +274,7 @@ class BatchedVocos(nn.Module):
     def geometry(self) -> Dict[str, int]:
         """What the serving code checks against the model's config.pbtxt (attributes do not survive freezing)."""
         return {"input_channels": self.backbone.embed_weight.shape[1], "n_fft": self.head.n_fft,
-                "hop_length": self.hop_length, "centered": int(self.centered)}
+                "hop_length": self.hop_length, "centered": int(self.centered), "context_frames": self.context_frames}
 
     @torch.jit.export
     def set_linear_kernel(self, kernel: str) -> None:

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from ..contract import (
 )
 from .allocator import IDLE_RELEASE_S, MemoryReleaser
 from .metrics import AudioSeconds
+from .windows import Progress, Steps
 
 log = logging.getLogger("vocos_triton.serving")
 
@@ -49,6 +50,65 @@ class Item:
     row: int
     cost: int
     data: Any  # the model's row dataclass
+    deadline_ns: Optional[int] = None  # when its caller stops waiting (ns since the epoch), if it said
+
+
+def padded_frames(batch: Sequence[Item], overhead_frames: int) -> int:
+    """What a forward of ``batch`` costs in frames: every item padded to the longest, plus a fixed cost."""
+    return overhead_frames + len(batch) * max(it.cost for it in batch)
+
+
+class ForwardClock:
+    """How long a forward of so many padded frames takes on this instance now, learnt from its forwards.
+
+    An average that follows the latest forwards (each weighs ``weight_of_latest``): the cores are shared
+    (two instances, the other models, the guard taking a burst in), and a forward of a burst runs two
+    to three times slower than the same forward alone. What it learnt expires after ``memory_s`` without a
+    forward: an instance that skipped everything (nothing left to time) then runs again and relearns.
+    Before any forward it knows nothing and skips nothing (the warm-up is not timed: its tiny forwards
+    cost mostly their fixed overhead)."""
+
+    def __init__(self, weight_of_latest: float = 0.5, memory_s: float = 60.0) -> None:
+        self.weight_of_latest, self.memory_s = weight_of_latest, memory_s
+        self.seconds_per_frame: Optional[float] = None
+        self.observed_at = 0.0
+
+    def observe(self, frames: int, seconds: float, now: Optional[float] = None) -> None:
+        if frames <= 0 or seconds <= 0:
+            return
+        latest = seconds / frames
+        known = self.known(now)
+        self.seconds_per_frame = latest if known is None else (
+            self.weight_of_latest * latest + (1 - self.weight_of_latest) * known)
+        self.observed_at = time.monotonic() if now is None else now
+
+    def known(self, now: Optional[float] = None) -> Optional[float]:
+        """Seconds per padded frame, or None when nothing recent is known."""
+        now = time.monotonic() if now is None else now
+        return self.seconds_per_frame if now - self.observed_at <= self.memory_s else None
+
+    def estimate(self, frames: int, now: Optional[float] = None) -> float:
+        """Seconds a forward of ``frames`` padded frames should take (0 when nothing recent is known)."""
+        per_frame = self.known(now)
+        return 0.0 if per_frame is None else frames * per_frame
+
+
+def too_late(batch: Sequence[Item], now_ns: int, clock: ForwardClock, overhead_frames: int) -> List[Item]:
+    """The items of ``batch`` whose caller would stop waiting before the batch's forward ends: the ones with
+    the earliest deadlines, dropped one by one (each one dropped may shorten the forward enough for the
+    rest)."""
+    live = list(batch)
+    late: List[Item] = []
+    by_deadline = sorted((it for it in live if it.deadline_ns is not None), key=lambda it: it.deadline_ns)
+    for item in by_deadline:
+        ends_ns = now_ns + int(clock.estimate(padded_frames(live, overhead_frames)) * 1e9)
+        if item.deadline_ns >= ends_ns:
+            break
+        late.append(item)
+        live.remove(item)
+        if not live:
+            break
+    return late
 
 
 def plan_batches(items: Sequence[Item], max_padded_frames: int, overhead_frames: int = 64) -> List[List[Item]]:
@@ -192,6 +252,8 @@ class RaggedBatchModel(TritonModel):
         self.audio_seconds = (AudioSeconds(self.pb, self.name, args.get("model_instance_name", self.name),
                                            self.require_geometry().sample_rate)
                               if Tensor.WAVEFORM in self.output_dtypes else None)
+        # how long a forward takes now: items whose deadline it would outlast are not computed
+        self.forward_clock = ForwardClock()
         loaded = self.load_artifact(args, self.version_dir)
         self.configure()
         self.warm_up()
@@ -230,7 +292,8 @@ class RaggedBatchModel(TritonModel):
                                                    self.pb.TritonError.INTERNAL)
                 continue
             rows_per_request[r] = len(rows)
-            items.extend(Item(r, i, cost, data) for i, (cost, data) in enumerate(rows))
+            deadline_ns = request_deadline_ns(request)
+            items.extend(Item(r, i, cost, data, deadline_ns) for i, (cost, data) in enumerate(rows))
         return items, rows_per_request
 
     def run_planned(self, items: List[Item], responses: List[Optional[Any]],
@@ -238,19 +301,26 @@ class RaggedBatchModel(TritonModel):
         """Run the items in planned padded batches; returns outputs by request and row. A failed
         forward fails the requests of its batch (``INTERNAL``) and no others.
 
-        Before each forward, the requests in it are asked again whether their client has gone: one
-        execution may hold eight 60 s items (seconds of work each), and a client whose deadline passed
-        meanwhile must not keep the cores from the requests queued behind it."""
+        Before each forward, the requests in it are asked again whether their client has gone, and the
+        items whose deadline would pass before the forward ends (by this instance's :class:`ForwardClock`)
+        are answered now instead of computed: one execution may hold eight 60 s items (seconds of work
+        each), and work whose answer nobody would receive must not keep the cores from the requests queued
+        behind it (after a burst of 5 s deadlines, the next request would wait for forwards started at
+        4 s)."""
         results: Dict[int, Dict[int, Outputs]] = {}
         for batch in plan_batches(items, self.max_padded_frames, self.batch_overhead_frames):
             if requests is not None:
                 for r in sorted({it.request for it in batch}):
                     self.drop_if_cancelled(requests[r], r, responses)
             live = [it for it in batch if responses[it.request] is None]
+            late = too_late(live, time.time_ns(), self.forward_clock, self.batch_overhead_frames)
+            if late:
+                self.drop_late(late, responses)
+                live = [it for it in live if responses[it.request] is None]
             if not live:
                 continue
             try:
-                outputs = self.run_batch([it.data for it in live])
+                outputs = self.run_in_steps(live, responses)
             except Exception as exc:  # one failed forward must not take the other batches down
                 log.exception("%s: inference failed for a batch of %d", self.name, len(live))
                 for it in live:
@@ -258,8 +328,54 @@ class RaggedBatchModel(TritonModel):
                         f"{self.name}: inference failed: {type(exc).__name__}: {exc}", self.pb.TritonError.INTERNAL)
                 continue
             for it, out in zip(live, outputs):
-                results.setdefault(it.request, {})[it.row] = out
+                if out is not None:
+                    results.setdefault(it.request, {})[it.row] = out
         return results
+
+    def run_in_steps(self, live: List[Item], responses: List[Optional[Any]]) -> List[Optional[Outputs]]:
+        """Run one planned batch through :meth:`steps`: after each of its forwards, time it on the clock and
+        drop the items whose deadline would pass before the rest of their work ends. Returns each item's
+        outputs (None for an item dropped, whose request then has its response)."""
+        steps = self.steps([it.data for it in live])
+        started = time.monotonic()
+        try:
+            progress = next(steps)
+            while True:
+                now = time.monotonic()
+                frames = padded_frames(live, self.batch_overhead_frames) if progress.frames is None \
+                    else progress.frames + self.batch_overhead_frames
+                self.forward_clock.observe(frames, now - started)
+                dropped: Set[int] = set()
+                if progress.remaining:
+                    pending = [Item(it.request, i, progress.remaining[i], None, it.deadline_ns)
+                               for i, it in enumerate(live) if i in progress.remaining]
+                    self.drop_late(too_late(pending, time.time_ns(), self.forward_clock, self.batch_overhead_frames),
+                                   responses)
+                    dropped = {p.row for p in pending if responses[p.request] is not None}
+                started = time.monotonic()
+                progress = steps.send(dropped)
+        except StopIteration as stop:
+            return stop.value
+
+    def steps(self, items: List[Any]) -> Steps:
+        """One batch as :data:`~.windows.Steps`: by default one forward (:meth:`run_batch`); a model whose
+        forwards of long items take seconds cuts them (the vocoders, :mod:`.windows`)."""
+        outputs = self.run_batch(items)
+        yield Progress()
+        return outputs
+
+    def drop_late(self, late: List[Item], responses: List[Optional[Any]]) -> None:
+        """Answer the requests of ``late`` items: their forward would end after their caller stopped waiting."""
+        requests = sorted({it.request for it in late if responses[it.request] is None})
+        for r in requests:
+            # UNAVAILABLE, as for a deadline already passed (drop_if_cancelled)
+            responses[r] = self.error_response(
+                f"{self.name}: the request's deadline would pass before its forward ends",
+                self.pb.TritonError.UNAVAILABLE)
+        if requests:
+            log.warning("%s: skipped %d request(s) whose deadline would pass before their forward ends "
+                        "(about %.2f s per 1,000 padded frames now)", self.name, len(requests),
+                        self.forward_clock.estimate(1000))
 
     def respond(self, rows_per_request: Dict[int, int], results: Dict[int, Dict[int, Outputs]],
                 responses: List[Optional[Any]]) -> None:

@@ -9,7 +9,7 @@ Limits come from the model's ``parameters`` in config.pbtxt: ``max_seconds`` (de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from .. import contract as c
 from ..contract import Tensor
 from .base import Outputs, Row, pad_stack
 from .torchscript import TorchScriptModel, load_torchscript
+from .windows import Steps, decode_in_windows
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,18 @@ class TorchScriptMelFeatures:
         return [mel[i, :, : self.geometry.frames(int(n))] for i, n in enumerate(samples)]
 
 
+#: padded frames one forward of a batch of long items aims at (config parameter ``step_frames``): about
+#: 0.6 s of one core alone, 2 s in a burst; longer batches run in windows (:mod:`.windows`)
+STEP_FRAMES = 2048
+#: the shortest window (``min_window_frames``): each costs its two contexts (31 frames either side for
+#: the charactr backbone, 12 % of 512) on top, so a batch of many long items is not cut finer than this
+MIN_WINDOW_FRAMES = 512
+
+
 class VocoderModel(TorchScriptModel):
     """A vocoder (``vocos_mel``, ``vocos_encodec`` and their variants): features (C, T) [+ bandwidth_id]
     -> waveform; C, the frames-to-samples rule and the limits come from the config's geometry, which the
-    artifact must share."""
+    artifact must share. A batch of long items runs in windows (:meth:`steps`)."""
 
     #: the bandwidth id of the warm-up and the kernel probe (the mel vocoders take none)
     probe_condition = 0
@@ -79,8 +88,34 @@ class VocoderModel(TorchScriptModel):
         if not hasattr(self.module, "geometry"):
             raise ValueError(f"{self.name}: model.pt has no geometry() (exported by an older build); rebuild the "
                              "repository with make repository")
-        self.check_artifact(self.module.geometry(), "model.pt")
+        artifact = self.module.geometry()
+        self.check_artifact(artifact, "model.pt")
+        # an artifact exported before the windows existed does not say its context: it runs whole batches; so
+        # does a GPU instance, whose forward of 60 s items takes milliseconds
+        self.context_frames: Optional[int] = (int(artifact["context_frames"])
+                                              if "context_frames" in artifact and self.device.type == "cpu" else None)
         return f"{loaded}; {self.geometry.describe()}"
+
+    def configure(self) -> None:
+        self.step_frames = int(self.float_parameter("step_frames", STEP_FRAMES))
+        self.min_window_frames = int(self.float_parameter("min_window_frames", MIN_WINDOW_FRAMES))
+
+    def steps(self, items: List[FeaturesRow]) -> Steps:
+        """The batch in windows of at least ``min_window_frames`` frames, about ``step_frames`` padded frames
+        a forward, when its longest item needs more than one; else one forward."""
+        lengths = [it.features.shape[1] for it in items]
+        window = max(self.min_window_frames, self.step_frames // len(items))
+        if self.context_frames is None or max(lengths) <= window + self.context_frames:
+            return (yield from super().steps(items))
+
+        def decode(members: List[int], first: int, end: int) -> np.ndarray:
+            with torch.inference_mode():
+                return self.forward([FeaturesRow(items[i].features[:, first : min(end, lengths[i])],
+                                                 items[i].bandwidth_id) for i in members])
+
+        waveforms = yield from decode_in_windows(lengths, decode, window, self.context_frames,
+                                                 self.geometry.hop_length, self.geometry.waveform_samples)
+        return [None if w is None else {Tensor.WAVEFORM: w} for w in waveforms]
 
     def warm_up(self) -> None:
         for _ in range(2):
@@ -89,13 +124,16 @@ class VocoderModel(TorchScriptModel):
     def kernel_probe(self) -> Tuple[torch.Tensor, ...]:
         return vocoder_probe(self.require_geometry(), self.probe_condition)
 
-    def infer(self, items: List[FeaturesRow]) -> List[Outputs]:
+    def forward(self, items: List[FeaturesRow]) -> np.ndarray:
+        """One padded forward: (B, L) waveforms, item b's audio its first ``waveform_samples(T_b)`` samples."""
         features = [it.features for it in items]
-        frames = lengths(features).to(self.device)
         condition = torch.tensor([it.bandwidth_id for it in items], dtype=torch.long, device=self.device)
-        waveform = self.module(self.tensor(pad_stack(features)), frames, condition).cpu().numpy()
-        return [{Tensor.WAVEFORM: waveform[i, : self.geometry.waveform_samples(int(n))]}
-                for i, n in enumerate(frames)]
+        return self.module(self.tensor(pad_stack(features)), lengths(features).to(self.device), condition).cpu().numpy()
+
+    def infer(self, items: List[FeaturesRow]) -> List[Outputs]:
+        waveform = self.forward(items)
+        return [{Tensor.WAVEFORM: waveform[i, : self.geometry.waveform_samples(it.features.shape[1])]}
+                for i, it in enumerate(items)]
 
 
 class VocosMelModel(VocoderModel):
