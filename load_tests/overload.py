@@ -122,7 +122,9 @@ async def call(client: aioclient.InferenceServerClient, inputs: list, deadline: 
     except DeadlineExceededError as exc:
         return Outcome(start, time.monotonic() - start, "deadline", exc.message[:120])
     except VocosError as exc:
-        return Outcome(start, time.monotonic() - start, "error", f"{type(exc).__name__}: {exc.message[:120]}")
+        # a model that answers at once because the forward would end after the deadline: a deadline outcome
+        kind = "deadline" if "deadline would pass" in exc.message else "error"
+        return Outcome(start, time.monotonic() - start, kind, f"{type(exc).__name__}: {exc.message[:120]}")
 
 
 async def plain_call(client: aioclient.InferenceServerClient, inputs: list, deadline: float) -> Outcome:
@@ -293,11 +295,14 @@ async def stub_kill(client: aioclient.InferenceServerClient, server: TritonServe
         await asyncio.sleep(0.05)
     repaired_at = time.monotonic()
     await callers
-    during = [o.seconds for o in outcomes if killed_at - o.seconds <= o.sent_at <= repaired_at]
+    during = [o for o in outcomes if killed_at - o.seconds <= o.sent_at <= repaired_at]
     failed = [o for o in outcomes if o.kind != "ok"]
     return {"calls": float(len(outcomes)), "failed": float(len(failed)),
             "failed_share": len(failed) / max(1, len(outcomes)), "repair_s": repaired_at - killed_at,
-            "p99_during_repair_ms": percentile(during, 99) * 1000,
+            "p99_during_repair_ms": percentile([o.seconds for o in during], 99) * 1000,
+            # the failed calls are the dead stub's batch, answered when tritonserver notices the death
+            "p99_answered_during_repair_ms": percentile([o.seconds for o in during if o.kind == "ok"], 99) * 1000,
+            "calls_during_repair": float(len(during)),
             "first_failures": [o.message for o in failed[:3]]}
 
 
@@ -356,7 +361,9 @@ async def scenario(args: argparse.Namespace, url: str, pids: Sequence[int], repo
             report.stub_kill = k = await stub_kill(client, server, clip, args.concurrency, args.kill_seconds)
             print(f"stub kill: {k['failed']:.0f} of {k['calls']:.0f} plain calls failed "
                   f"({100 * k['failed_share']:.2f} %, target <= 1 %); repaired after {k['repair_s']:.1f} s; "
-                  f"p99 latency from the kill to the repair {k['p99_during_repair_ms']:.0f} ms (target <= 1000 ms)",
+                  f"p99 latency from the kill to the repair {k['p99_during_repair_ms']:.0f} ms (target <= 1000 ms; "
+                  f"{k['calls_during_repair']:.0f} calls, p99 of those answered "
+                  f"{k['p99_answered_during_repair_ms']:.0f} ms)",
                   flush=True)
             if server is not None:  # stop after the repair, under load (target <= 5 s)
                 loading = asyncio.ensure_future(capacity(client, clip, 30.0, args.concurrency))

@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2
 from vocos_client import VocosClient
 from vocos_triton.contract import DEADLINE_PARAMETER, Model
 from vocos_triton.launcher import guard, metrics
-from vocos_triton.launcher.memory import group_members, stub_regions
+from vocos_triton.launcher.memory import group_members, stub_regions, torch_workers
 from vocos_triton.launcher.profiles import load_config
 from vocos_triton.launcher.server import ServerOptions, TritonServer, free_port
 from vocos_triton.launcher.watchdog import (
@@ -70,10 +70,14 @@ def stop_and_check(server: TritonServer) -> float:
     pid = server.process.pid
     regions = stub_regions(group_members(pid))
     assert regions
+    workers = torch_workers(group_members(pid))
+    assert workers and server.torch_host is not None
+    host = server.torch_host.process.pid
     started = time.monotonic()
     server.stop()
     elapsed = time.monotonic() - started
     assert not group_members(pid), "a stub outlived stop()"
+    assert not group_members(host) and not torch_workers(workers.values()), "a torch worker outlived stop()"
     assert not any(region.exists() for region in regions), "stop() left shared memory in /dev/shm"
     assert server.guard is None and not server.running()
     return elapsed

@@ -24,6 +24,7 @@ from vocos_triton.contract import (
     split_model_name,
 )
 from vocos_triton.launcher import metrics
+from vocos_triton.launcher.memory import torch_workers
 from vocos_triton.launcher.profiles import load_config
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
 from vocos_triton.launcher.watchdog import python_stubs
@@ -222,9 +223,11 @@ def test_launcher_refuses_a_repository_without_artifacts(tmp_path):
         TritonServer(options).start()
 
 
-def test_stubs_run_in_the_serving_runtime_and_the_embedding_without_torch(triton):
-    """Each stub embeds the runtime's Python (its torch is what the stub maps), and the numpy
-    embedding and mel front end map no torch at all: the memory the lean runtime is for."""
+def test_stubs_run_in_the_serving_runtime_and_only_the_streaming_ones_import_torch(triton):
+    """Each stub embeds the runtime's Python. The numpy embedding and mel front end map no torch at all;
+    the batched TorchScript models' stubs map none either: their forwards run in a worker forked from the
+    torch host, which maps the runtime's torch (one import for all of them); the streaming stubs import it
+    themselves."""
     runtime = triton.runtime
     stubs = python_stubs(triton.process.pid)
     configs = {path.parent.name: load_config(path)
@@ -238,14 +241,27 @@ def test_stubs_run_in_the_serving_runtime_and_the_embedding_without_torch(triton
     assert Counter(stubs.values()) == instances
     assert instances[Model.VOCOS_MEL] == 2 and instances[Model.VOCOS_MEL_STREAM] == 1
     assert all(count == 1 for m, count in instances.items() if split_model_name(m)[1] != DEFAULT_VARIANT)
+    workers = {stub: worker for worker, stub in torch_workers(stubs).items()}
+
+    def torch_libraries(pid: int) -> set:
+        return {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                if "libtorch_cpu.so" in line}
+
+    hosts = set()
     for pid, name in stubs.items():
         model = split_model_name(name)[0]
-        libraries = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-                     if "libtorch_cpu.so" in line}
+        libraries = torch_libraries(pid)
         if model in (Model.ENCODEC_EMBEDDING, Model.MEL_FEATURES):  # numpy (and MKL's FFT) only
             assert not libraries, f"{model} imported torch"
-        else:
+            assert pid not in workers
+        elif model in (Model.VOCOS_MEL_STREAM, Model.DECODE_CODES_STREAM):
             assert libraries and all(lib.startswith(f"{runtime.prefix}/") for lib in libraries), (model, libraries)
+        else:  # vocoders and the encoder: numpy in the stub, the forwards in its own torch worker
+            assert not libraries, f"{name}'s stub imported torch"
+            worker_libraries = torch_libraries(workers[pid])
+            assert worker_libraries and all(lib.startswith(f"{runtime.prefix}/") for lib in worker_libraries)
+            hosts.add(int(Path(f"/proc/{workers[pid]}/stat").read_text().rsplit(")", 1)[1].split()[1]))
+    assert hosts == {triton.torch_host.process.pid}  # one host forked them all
 
 
 def test_launcher_refuses_a_runtime_that_cannot_serve(repository, tmp_path):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -48,6 +49,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from ..contract import DEADLINE_PARAMETER
+from ..serving.allocator import trim_function
 from .guard_process import MAX_IN_FLIGHT
 
 log = logging.getLogger("vocos_triton.launcher.guard")
@@ -63,6 +65,8 @@ QUEUE_MARGIN_S = 0.05
 ORPHAN_LIMIT_S = 600.0
 #: what a refused call is told: the words of tritonserver's own full queue, which clients already handle
 QUEUE_FULL = "Exceeds maximum queue size (the gRPC guard's limit of calls in flight for {model})"
+#: seconds without an inference call in flight after which the guard gives freed memory back
+IDLE_TRIM_S = 2.0
 #: no limit on message sizes: tritonserver and the models enforce the contract's limits
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 #: metadata that belongs to the hop, not to the call
@@ -116,6 +120,21 @@ class Guard:
         # could be collected mid-flight)
         self.orphans: Set[asyncio.Future] = set()
         self.abandoned = 0  # calls whose client went before tritonserver answered
+        self.calls = 0  # calls forwarded (a change tells the idle trim there was work since it last looked)
+
+    async def give_back_memory_when_idle(self, every_s: float = IDLE_TRIM_S) -> None:
+        """Return freed memory to the OS once no inference call has been in flight for ``every_s``, after
+        each spell of calls: collect the finished calls caught in reference cycles (each holds its
+        request's bytes until the cyclic collector runs) and ``malloc_trim`` what glibc's arenas keep. A
+        burst of 200 x 60 s requests left the guard holding 1.34 GB without either (measured)."""
+        trim = trim_function()
+        seen = self.calls
+        while trim is not None:
+            await asyncio.sleep(every_s)
+            if self.calls != seen and not any(self.in_flight.values()) and not self.orphans:
+                seen = self.calls
+                gc.collect()  # finished calls in reference cycles still hold their request's bytes
+                trim(0)
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods: Dict[str, grpc.RpcMethodHandler] = {}
@@ -158,6 +177,7 @@ class Guard:
             call = asyncio.ensure_future(
                 stub(request, metadata=forwarded_metadata(context.invocation_metadata()), timeout=timeout))
             del request  # the call holds what it sends
+            self.calls += 1
             if model is not None:
                 # the model's slot frees when tritonserver answers, or once the deadline has passed (the
                 # models then skip the call at their next look), not when the client goes
@@ -233,6 +253,7 @@ async def serve(listen: str, upstream: str, credentials: Optional[grpc.ServerCre
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
+    trimming = asyncio.ensure_future(guard.give_back_memory_when_idle())
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -242,6 +263,7 @@ async def serve(listen: str, upstream: str, credentials: Optional[grpc.ServerCre
     if ready is not None:
         ready(port)
     await stop.wait()
+    trimming.cancel()
     await server.stop(grace=grace_s)
     await guard.close(grace_s=0.5)
     log.info("gRPC guard stopped (%d calls outlived their client, %d refused at the in-flight limit)",

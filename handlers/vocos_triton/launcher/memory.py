@@ -7,7 +7,9 @@ between the processes that map it, so the sum over the process tree is the real 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+from ..serving.scripts import worker_name
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region"
@@ -107,15 +109,54 @@ def _name(pid: int) -> str:
     return Path(argv[0]).name if argv and argv[0] else str(pid)
 
 
+def _stat_fields(pid: int) -> List[str]:
+    """/proc/<pid>/stat after the command: state, ppid, pgrp, ... ([] when gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def torch_workers(stubs: Iterable[int]) -> Dict[int, int]:
+    """The torch host's workers serving ``stubs`` (vocos_triton.serving.torch_host): worker pid -> stub pid."""
+    names = {worker_name(stub): stub for stub in stubs}
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                comm = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in names:
+                workers[int(entry.name)] = names[comm]
+    return workers
+
+
+#: the name :func:`process_tree_pss` gives the torch host (the process its workers are forked from)
+TORCH_HOST = "torch host"
+
+
 def process_tree_pss(pid: int) -> Dict[str, Union[float, Dict[str, float]]]:
     """PSS of ``pid`` and its descendants: ``{"total_mb": ..., "processes": {name: mb}}``, a stub named
-    by its model (the instances of one model added up), anything else by its command."""
+    by its model (the instances of one model added up), anything else by its command. A stub's torch
+    worker counts with its stub, and the torch host they were forked from as :data:`TORCH_HOST` (neither
+    descends from tritonserver)."""
     processes: Dict[str, float] = {}
-    for child in process_tree(pid):
+
+    def add(name: str, process: int) -> None:
         try:
-            mb = pss_kb(child) / 1024
+            mb = pss_kb(process) / 1024
         except OSError:  # exited meanwhile
-            continue
-        name = _name(child)
+            return
         processes[name] = processes.get(name, 0.0) + mb
+
+    tree = process_tree(pid)
+    for child in tree:
+        add(_name(child), child)
+    workers = torch_workers(child for child in tree if stub_model(child) is not None)
+    for worker, stub in workers.items():
+        add(_name(stub), worker)
+    hosts = {int(fields[1]) for fields in map(_stat_fields, workers) if fields} - {0, 1}
+    for host in hosts:
+        add(TORCH_HOST, host)
     return {"total_mb": sum(processes.values()), "processes": processes}

@@ -39,6 +39,7 @@ from typing import IO, Dict, List, Optional, Sequence, Set
 
 from ..contract import Access
 from ..paths import DEFAULT_BUILD_DIR, DEFAULT_REPOSITORY
+from ..serving.scripts import TORCH_HOST_ENV
 from .access import (
     AccessError,
     Tls,
@@ -54,6 +55,7 @@ from .memory import group_members, stub_regions
 from .preflight import check_repository
 from .runtime import Runtime, UnusableRuntime, default_runtime_python, probe
 from .supervisor import ServerSupervisor, clean_up_group
+from .torch_host_process import TorchHostProcess
 from .watchdog import StubWatchdog
 
 log = logging.getLogger("vocos_triton.launcher.server")
@@ -247,6 +249,10 @@ class ServerOptions:
     guard: bool = True
     # inference calls per model the guard lets into tritonserver at once; more are refused as busy
     guard_max_in_flight: int = MAX_IN_FLIGHT
+    # The TorchScript stubs of CPU instances run their forwards in workers forked from one process that
+    # imported torch (vocos_triton.serving.torch_host), instead of importing torch each; False: each stub
+    # imports torch itself (about 140 MB more per stub). The GPU profile never uses the host.
+    torch_host: bool = True
 
     @property
     def admin_key_path(self) -> Optional[Path]:
@@ -290,6 +296,7 @@ class TritonServer:
         self._admin_key: Optional[str] = None
         self._api_key: Optional[str] = None
         self.guard: Optional[GuardProcess] = None
+        self.torch_host: Optional[TorchHostProcess] = None
         # tritonserver's own gRPC port: the public one without the guard, a loopback one behind it
         self.upstream_grpc_port = options.grpc_port
 
@@ -389,6 +396,10 @@ class TritonServer:
         self._environment = self.environment(distribution, runtime)
         log.info("starting %s", redact(self._command, [self._admin_key, self._api_key]))
         try:
+            if o.torch_host and o.profile != "gpu":
+                self.torch_host = TorchHostProcess(runtime.python, self._environment, self._log_handle)
+                self.torch_host.start()
+                self._environment[TORCH_HOST_ENV] = str(self.torch_host.socket_path)
             self.relaunch(ready_timeout_s)
             if o.guard:
                 self.guard = GuardProcess(o.host, o.grpc_port, f"{GUARD_UPSTREAM_HOST}:{self.upstream_grpc_port}",
@@ -400,7 +411,7 @@ class TritonServer:
             raise
         except OSError as exc:
             self.stop()
-            raise LaunchError(f"the gRPC guard did not start: {exc}") from exc
+            raise LaunchError(f"the gRPC guard or the torch host did not start: {exc}") from exc
         if o.restart_on_crash:
             self.supervisor = ServerSupervisor(self)
             self.supervisor.start()
@@ -499,6 +510,9 @@ class TritonServer:
             code = process.returncode
         if guard is not None:
             guard.wait(max(0.0, deadline - time.monotonic()))
+        host, self.torch_host = self.torch_host, None
+        if host is not None:  # its workers compute for stubs that are gone now
+            host.stop()
         if process is not None:  # stubs outlive a killed server (and a crashed one), with their memory
             removed = clean_up_group(process.pid, self.known_regions)
             if removed:
@@ -555,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exit-timeout", type=int, default=ServerOptions.exit_timeout_s,
                         help="seconds requests in flight get after SIGTERM; then the server and its stubs are "
                              "killed (stop never takes longer)")
+    parser.add_argument("--no-torch-host", action="store_true",
+                        help="let every TorchScript stub import torch itself instead of forking its worker from "
+                             "one process that imported it (about 140 MB more per stub)")
     parser.add_argument("--no-guard", action="store_true",
                         help="serve gRPC from tritonserver itself, without the guard that keeps client "
                              "cancellations from it (2.51 can crash on them; experiments only)")
@@ -604,7 +621,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runtime_python=args.runtime_python, tritonserver=args.tritonserver,
         metrics_config=tuple(args.metrics_config or DEFAULT_METRICS_CONFIG), admin_key_file=args.admin_key_file,
         admin_key=not args.no_admin_key, api_key_file=args.api_key_file, tls=tls,
-        restart_on_crash=not args.no_restart, guard=not args.no_guard, guard_max_in_flight=args.max_in_flight))
+        restart_on_crash=not args.no_restart, guard=not args.no_guard, guard_max_in_flight=args.max_in_flight,
+        torch_host=not args.no_torch_host))
 
     stopping = []
 

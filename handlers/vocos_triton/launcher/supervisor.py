@@ -84,9 +84,22 @@ class ServerSupervisor(threading.Thread):
         except OSError as exc:  # tried again next round
             log.error("could not restart the gRPC guard: %s", exc)
 
+    def check_torch_host(self) -> None:
+        """Start the torch host again (on its socket) if it exited: running workers live on without it, and a
+        stub loaded meanwhile imported torch itself; the next ones fork from the new host again."""
+        host = self.server.torch_host
+        if host is None or host.alive() or self.stopping:
+            return
+        log.error("the torch host exited with code %s; restarting it", host.process.returncode)
+        try:
+            host.start()
+        except OSError as exc:
+            log.error("could not restart the torch host: %s", exc)
+
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
             self.check_guard()
+            self.check_torch_host()
             process = self.server.process
             if process is None or process.poll() is None:
                 continue

@@ -51,6 +51,12 @@ def _glibc() -> Optional[ctypes.CDLL]:
         return None
 
 
+def trim_function() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim`` (give freed heap back to the OS), or None where there is no glibc."""
+    libc = _glibc()
+    return None if libc is None else libc.malloc_trim
+
+
 def hold_freed_memory() -> bool:
     """Stop glibc from trimming the heap by itself; :class:`MemoryReleaser` decides instead.
 

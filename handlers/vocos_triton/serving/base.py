@@ -7,7 +7,8 @@ valid items are sorted by length and cut into padded batches of at most ``max_pa
 fails only the requests in that batch (``INTERNAL``), never the model.
 
 This module needs numpy only: a model that needs no torch (``encodec_embedding``) must not pay for
-importing it. The TorchScript models build on :class:`vocos_triton.serving.torchscript.TorchScriptModel`.
+importing it; nor do the TorchScript models' stubs (:class:`vocos_triton.serving.models.ScriptModel`), whose
+forwards run in a torch worker.
 """
 from __future__ import annotations
 
@@ -258,6 +259,7 @@ class RaggedBatchModel(TritonModel):
         self.configure()
         self.warm_up()
         self.memory_releaser.settle()
+        self.after_warm_up()
         # what the stub kept for its next forwards goes back after this long without work (-1: never)
         self.memory_releaser.release_when_idle(self.float_parameter("idle_release_s", IDLE_RELEASE_S))
         log.info("%s: loaded %s", self.name, loaded)
@@ -437,6 +439,9 @@ class RaggedBatchModel(TritonModel):
 
     def warm_up(self) -> None:
         """Run the module once or twice so the first request does not pay TorchScript's profiling."""
+
+    def after_warm_up(self) -> None:
+        """Called once the warm-up is done and the stub's heap settled (a torch worker settles its own)."""
 
     def parse_row(self, row: Dict[str, np.ndarray]) -> Row:
         """Validate one row (arrays without the batch dimension); return (cost in frames, the row)."""

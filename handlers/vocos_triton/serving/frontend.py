@@ -50,7 +50,7 @@ class MelFeaturesModel(RaggedBatchModel):
                 self.check_artifact(bank.geometry(), MELBANK_FILE)
                 self.front_end: FrontEnd = bank
                 return f"{path} (numpy, MKL FFT); {geometry.describe()}"
-        from .models import TorchScriptMelFeatures  # torch, imported only on this path
+        from .torchscript import TorchScriptMelFeatures  # torch, imported only on this path
 
         front_end = TorchScriptMelFeatures(args, version_dir, int(self.float_parameter("torch_threads", 0)), geometry)
         self.check_artifact(front_end.module.geometry(), "model.pt")

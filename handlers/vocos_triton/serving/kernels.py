@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..modules.vocoder import LINEAR_KERNELS, ONEDNN, check_linear_kernel, onednn_available
@@ -118,6 +119,7 @@ def choose_linear_kernel(module: torch.jit.ScriptModule, args: Sequence[torch.Te
                          env: Optional[Dict[str, str]] = None, model: Optional[str] = None) -> KernelChoice:
     """Set ``module``'s Linear kernel: the one forced for ``model``, else the faster on ``args`` (best of
     ``rounds``)."""
+    args = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args]  # a probe built without torch
     requested = requested_kernel(env, model)
     if requested != AUTO:
         module.set_linear_kernel(requested)

@@ -1,6 +1,9 @@
 """The TorchScript models of the serving contract (see ``model_repository/``). Two need no torch on
 CPU and live elsewhere: ``encodec_embedding`` (:mod:`vocos_triton.serving.embedding`) and ``mel_features``
-(:mod:`vocos_triton.serving.frontend`, whose GPU instances run :class:`TorchScriptMelFeatures` from here).
+(:mod:`vocos_triton.serving.frontend`).
+
+Importing this module imports no torch: each model's ``model.pt`` runs where :func:`.scripts.open_script`
+puts it (on CPU, a worker the torch host forked for the stub; see :mod:`.torch_host`).
 
 Each ``model_repository/<model>/1/model.py`` imports one class from here as ``TritonPythonModel``.
 Limits come from the model's ``parameters`` in config.pbtxt: ``max_seconds`` (default 60),
@@ -8,16 +11,17 @@ Limits come from the model's ``parameters`` in config.pbtxt: ``max_seconds`` (de
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from .. import contract as c
 from ..contract import Tensor
-from .base import Outputs, Row, pad_stack
-from .torchscript import TorchScriptModel, load_torchscript
+from .allocator import IDLE_RELEASE_S
+from .base import Outputs, RaggedBatchModel, Row, pad_stack, server_log
+from .scripts import RemoteScript, WorkerLost, open_script
 from .windows import Steps, decode_in_windows
 
 
@@ -33,37 +37,63 @@ class FeaturesRow:
     bandwidth_id: int  # 0 for the mel vocoders
 
 
-def lengths(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+def lengths(arrays: Sequence[np.ndarray]) -> np.ndarray:
     """(B,) int64 lengths of the last axis."""
-    return torch.tensor([a.shape[-1] for a in arrays], dtype=torch.long)
+    return np.array([a.shape[-1] for a in arrays], dtype=np.int64)
 
 
 #: the input the vocoders time their Linear kernels on at load: one item of about 4 s
 KERNEL_PROBE_SECONDS = 4
 
 
-def vocoder_probe(geometry: c.Geometry, condition: int) -> Tuple[torch.Tensor, ...]:
+def vocoder_probe(geometry: c.Geometry, condition: int) -> Tuple[np.ndarray, ...]:
     """A vocoder's forward arguments for one random (seeded) item of :data:`KERNEL_PROBE_SECONDS`."""
     frames = geometry.frames(KERNEL_PROBE_SECONDS * geometry.sample_rate)
-    features = torch.randn(1, geometry.input_channels, frames, generator=torch.Generator().manual_seed(0))
-    return features, torch.tensor([frames]), torch.tensor([condition])
+    features = np.random.default_rng(0).standard_normal((1, geometry.input_channels, frames), dtype=np.float32)
+    return features, np.array([frames], dtype=np.int64), np.array([condition], dtype=np.int64)
 
 
-class TorchScriptMelFeatures:
-    """``mel_features``' front end on a GPU instance (or a CPU one without MKL, see
-    :mod:`vocos_triton.serving.frontend`): ``model.pt``, a TorchScript
-    :class:`vocos_triton.modules.features.MelFeatures`, on the instance's device."""
+class ScriptModel(RaggedBatchModel):
+    """A model whose forward is ``<version>/model.pt``, run where :func:`.scripts.open_script` puts it;
+    ``torch_threads`` (config) > 0 sets the intra-op threads (0: torch's default, one per core)."""
 
-    def __init__(self, args: Dict[str, str], version_dir: str, threads: int, geometry: c.Geometry) -> None:
-        self.module, self.device, self.description = load_torchscript(args, version_dir, threads)
-        self.geometry = geometry
+    def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
+        self.on_gpu = args.get("model_instance_kind") == "GPU"
+        self.script: Any = open_script(
+            args, version_dir, self.name, int(self.float_parameter("torch_threads", 0)), self.kernel_probe(),
+            self.float_parameter("retain_memory_mb", -1), self.float_parameter("idle_release_s", IDLE_RELEASE_S),
+            self.pb)
+        info = self.script.info()
+        if info["kernel_log"]:
+            server_log(self.pb, info["kernel_log"])
+        #: what the artifact's geometry() says ({} for an artifact without one)
+        self.artifact_geometry: Dict[str, int] = info["geometry"]
+        kernel = f", linear kernel {info['kernel']}" if info["kernel"] else ""
+        where = (f" in torch worker {info['pid']}" if isinstance(self.script, RemoteScript)
+                 else " in this stub")
+        return info["description"] + kernel + where
 
-    def __call__(self, audio: Sequence[np.ndarray]) -> List[np.ndarray]:
-        samples = lengths(audio)
-        with torch.inference_mode():
-            padded = torch.from_numpy(pad_stack(audio)).to(self.device)
-            mel = self.module(padded, samples.to(self.device)).cpu().numpy()
-        return [mel[i, :, : self.geometry.frames(int(n))] for i, n in enumerate(samples)]
+    def after_warm_up(self) -> None:
+        self.script.settle()
+
+    def kernel_probe(self) -> Optional[Tuple[np.ndarray, ...]]:
+        """Inputs of a typical forward to time the kernels on; None: the model has no kernel to choose."""
+        return None
+
+    def call_script(self, *arrays: np.ndarray) -> np.ndarray:
+        """One forward of the artifact. A stub whose worker died cannot compute again: it exits, and the
+        watchdog replaces it as any dead stub (the requests of this execution fail)."""
+        try:
+            return self.script(*arrays)
+        except WorkerLost as exc:
+            server_log(self.pb, f"{self.name}: {exc}; this stub exits so that it is replaced", warning=True)
+            os._exit(1)
+
+    def finalize(self) -> None:
+        close = getattr(self.script, "close", None)
+        if close is not None:
+            close()
+        self.script = None
 
 
 #: padded frames one forward of a batch of long items aims at (config parameter ``step_frames``): about
@@ -74,7 +104,7 @@ STEP_FRAMES = 2048
 MIN_WINDOW_FRAMES = 512
 
 
-class VocoderModel(TorchScriptModel):
+class VocoderModel(ScriptModel):
     """A vocoder (``vocos_mel``, ``vocos_encodec`` and their variants): features (C, T) [+ bandwidth_id]
     -> waveform; C, the frames-to-samples rule and the limits come from the config's geometry, which the
     artifact must share. A batch of long items runs in windows (:meth:`steps`)."""
@@ -85,15 +115,15 @@ class VocoderModel(TorchScriptModel):
     def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
         self.require_geometry()
         loaded = super().load_artifact(args, version_dir)
-        if not hasattr(self.module, "geometry"):
+        artifact = self.artifact_geometry
+        if not artifact:
             raise ValueError(f"{self.name}: model.pt has no geometry() (exported by an older build); rebuild the "
                              "repository with make repository")
-        artifact = self.module.geometry()
         self.check_artifact(artifact, "model.pt")
         # an artifact exported before the windows existed does not say its context: it runs whole batches; so
         # does a GPU instance, whose forward of 60 s items takes milliseconds
         self.context_frames: Optional[int] = (int(artifact["context_frames"])
-                                              if "context_frames" in artifact and self.device.type == "cpu" else None)
+                                              if "context_frames" in artifact and not self.on_gpu else None)
         return f"{loaded}; {self.geometry.describe()}"
 
     def configure(self) -> None:
@@ -109,9 +139,8 @@ class VocoderModel(TorchScriptModel):
             return (yield from super().steps(items))
 
         def decode(members: List[int], first: int, end: int) -> np.ndarray:
-            with torch.inference_mode():
-                return self.forward([FeaturesRow(items[i].features[:, first : min(end, lengths[i])],
-                                                 items[i].bandwidth_id) for i in members])
+            return self.forward([FeaturesRow(items[i].features[:, first : min(end, lengths[i])],
+                                             items[i].bandwidth_id) for i in members])
 
         waveforms = yield from decode_in_windows(lengths, decode, window, self.context_frames,
                                                  self.geometry.hop_length, self.geometry.waveform_samples)
@@ -121,14 +150,14 @@ class VocoderModel(TorchScriptModel):
         for _ in range(2):
             self.infer([FeaturesRow(np.zeros((self.geometry.input_channels, 94), np.float32), self.probe_condition)])
 
-    def kernel_probe(self) -> Tuple[torch.Tensor, ...]:
+    def kernel_probe(self) -> Tuple[np.ndarray, ...]:
         return vocoder_probe(self.require_geometry(), self.probe_condition)
 
     def forward(self, items: List[FeaturesRow]) -> np.ndarray:
         """One padded forward: (B, L) waveforms, item b's audio its first ``waveform_samples(T_b)`` samples."""
         features = [it.features for it in items]
-        condition = torch.tensor([it.bandwidth_id for it in items], dtype=torch.long, device=self.device)
-        return self.module(self.tensor(pad_stack(features)), lengths(features).to(self.device), condition).cpu().numpy()
+        condition = np.array([it.bandwidth_id for it in items], dtype=np.int64)
+        return self.call_script(pad_stack(features), lengths(features), condition)
 
     def infer(self, items: List[FeaturesRow]) -> List[Outputs]:
         waveform = self.forward(items)
@@ -158,7 +187,7 @@ class VocosEncodecModel(VocoderModel):
         return features.shape[1], FeaturesRow(features, c.validate_bandwidth_id(row[Tensor.BANDWIDTH_ID]))
 
 
-class EncodecEncoderModel(TorchScriptModel):
+class EncodecEncoderModel(ScriptModel):
     """audio (L,), bandwidth (1,) kbps -> codes (K, ceil(L / 320)), K = 2/4/8/16."""
 
     def warm_up(self) -> None:
@@ -179,10 +208,8 @@ class EncodecEncoderModel(TorchScriptModel):
     def infer(self, items: List[EncoderRow]) -> List[Outputs]:
         audio = [it.audio for it in items]
         samples = lengths(audio)
-        codebooks = torch.tensor([it.bandwidth.codebooks for it in items], dtype=torch.long)
-        codes = self.module(
-            self.tensor(pad_stack(audio)), samples.to(self.device), codebooks.to(self.device)
-        ).cpu().numpy()
+        codebooks = np.array([it.bandwidth.codebooks for it in items], dtype=np.int64)
+        codes = self.call_script(pad_stack(audio), samples, codebooks)
         return [
             {Tensor.CODES: codes[i, : it.bandwidth.codebooks, : self.geometry.frames(int(n))]}
             for i, (it, n) in enumerate(zip(items, samples))

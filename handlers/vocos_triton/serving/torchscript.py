@@ -1,4 +1,5 @@
-"""Base class of the models that run a TorchScript artifact (``model.pt``) with torch."""
+"""TorchScript artifacts (``model.pt``) where torch is: a worker of the torch host, the streaming stubs,
+a GPU instance, or a stub started without the host (:mod:`.scripts` decides where)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .base import Outputs, RaggedBatchModel, server_log
+from ..contract import Geometry
+from .base import pad_stack, server_log
 from .kernels import KernelChoice, choose_linear_kernel, measure_once, switchable
 
 ARTIFACT = "model.pt"
@@ -41,45 +43,68 @@ def load_torchscript(args: Dict[str, str], version_dir: str,
     return module, device, f"{path} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
-def choose_and_log_kernel(module: torch.jit.ScriptModule, device: torch.device,
-                          probe: Optional[Sequence[Any]], name: str, pb: Any) -> Optional[KernelChoice]:
-    """Choose ``module``'s Linear kernel by timing it on ``probe`` (its forward's arguments; tensors go to
-    ``device``) and write the choice into tritonserver's log; None when there is nothing to choose."""
+def choose_kernel(module: torch.jit.ScriptModule, device: torch.device, probe: Optional[Sequence[Any]], name: str,
+                  measure_key: str) -> Optional[KernelChoice]:
+    """Set ``module``'s Linear kernel, chosen by timing it on ``probe`` (its forward's arguments; tensors go
+    to ``device``), once per ``measure_key`` (the other instances of the model share the choice); None
+    when there is nothing to choose."""
     if probe is None or not switchable(module) or device.type != "cpu":
         return None
     args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in probe]
-    # the instances of a model are stubs of the same tritonserver (their parent): one measures for all
-    choice = measure_once(f"{os.getppid()}-{name}", lambda: choose_linear_kernel(module, args, model=name))
+    choice = measure_once(measure_key, lambda: choose_linear_kernel(module, args, model=name))
     module.set_linear_kernel(choice.kernel)
-    server_log(pb, choice.log_line(name))
     return choice
 
 
-class TorchScriptModel(RaggedBatchModel):
-    """Loads ``<version>/model.pt`` on the instance's device; ``torch_threads`` (config) > 0 sets the
-    intra-op threads (0: torch's default, one per core)."""
+def choose_and_log_kernel(module: torch.jit.ScriptModule, device: torch.device,
+                          probe: Optional[Sequence[Any]], name: str, pb: Any) -> Optional[KernelChoice]:
+    """:func:`choose_kernel` in a stub (its parent is the tritonserver the instances share), the choice
+    written into tritonserver's log."""
+    choice = choose_kernel(module, device, probe, name, f"{os.getppid()}-{name}")
+    if choice is not None:
+        server_log(pb, choice.log_line(name))
+    return choice
 
-    def load_artifact(self, args: Dict[str, str], version_dir: str) -> str:
-        self.module, self.device, description = load_torchscript(
-            args, version_dir, int(self.float_parameter("torch_threads", 0)))
-        self.kernel_choice = self.choose_kernel()
-        kernel = f", linear kernel {self.kernel_choice.describe()}" if self.kernel_choice else ""
-        return description + kernel
 
-    def choose_kernel(self) -> Optional[KernelChoice]:
-        """Time the vocoder's Linear kernels on this CPU and keep the faster (see :mod:`.kernels`)."""
-        return choose_and_log_kernel(self.module, self.device, self.kernel_probe(), self.name, self.pb)
+class LoadedScript:
+    """A TorchScript artifact on its device, called with numpy arrays (its forward's arguments) and
+    returning numpy; what :class:`~vocos_triton.serving.scripts.RemoteScript` runs in a worker."""
 
-    def kernel_probe(self) -> Optional[Tuple[torch.Tensor, ...]]:
-        """Inputs of a typical forward to time the kernels on; None: the model has no kernel to choose."""
-        return None
+    def __init__(self, args: Dict[str, str], version_dir: str, threads: int, name: str, measure_key: str,
+                 kernel_probe: Optional[Sequence[np.ndarray]] = None) -> None:
+        self.module, self.device, self.description = load_torchscript(args, version_dir, threads)
+        self.kernel_choice = choose_kernel(self.module, self.device, kernel_probe, name, measure_key)
+        self.name = name
 
-    def run_batch(self, items: List[Any]) -> List[Outputs]:
+    def info(self) -> Dict[str, Any]:
+        geometry = ({k: int(v) for k, v in self.module.geometry().items()} if hasattr(self.module, "geometry")
+                    else {})
+        choice = self.kernel_choice
+        return {"description": self.description, "geometry": geometry, "pid": os.getpid(),
+                "kernel": choice.describe() if choice else None,
+                "kernel_log": choice.log_line(self.name) if choice else None}
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
         with torch.inference_mode():
-            return self.infer(items)
+            return self.module(*tensors).cpu().numpy()
 
-    def finalize(self) -> None:
-        self.module = None
+    def settle(self) -> None:
+        """Nothing to do: in the stub's own process, the stub's heap policy covers the module."""
 
-    def tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device)
+
+class TorchScriptMelFeatures:
+    """``mel_features``' front end on a GPU instance (or a CPU one without MKL, see
+    :mod:`vocos_triton.serving.frontend`): ``model.pt``, a TorchScript
+    :class:`vocos_triton.modules.features.MelFeatures`, on the instance's device."""
+
+    def __init__(self, args: Dict[str, str], version_dir: str, threads: int, geometry: Geometry) -> None:
+        self.module, self.device, self.description = load_torchscript(args, version_dir, threads)
+        self.geometry = geometry
+
+    def __call__(self, audio: Sequence[np.ndarray]) -> List[np.ndarray]:
+        samples = torch.tensor([a.shape[-1] for a in audio], dtype=torch.long)
+        with torch.inference_mode():
+            padded = torch.from_numpy(pad_stack(audio)).to(self.device)
+            mel = self.module(padded, samples.to(self.device)).cpu().numpy()
+        return [mel[i, :, : self.geometry.frames(int(n))] for i, n in enumerate(samples)]
