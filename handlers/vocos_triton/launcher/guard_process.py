@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import IO, Dict, List, Optional
+from typing import IO, Callable, Dict, List, Optional
 
 from .access import Tls
 
@@ -34,6 +34,20 @@ def guard_environment() -> Dict[str, str]:
     """The launcher's environment, with :data:`GUARD_MMAP_THRESHOLD_BYTES` for glibc (a fixed threshold
     also stops its adaptation)."""
     return dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(GUARD_MMAP_THRESHOLD_BYTES))
+
+
+def wait_listening(process: subprocess.Popen, accepts: Callable[[], bool], timeout_s: float, what: str,
+                   poll_s: float = 0.05) -> None:
+    """Wait until ``accepts()`` (a helper process of the launcher listens); OSError naming ``what`` when the
+    process exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise OSError(f"{what} exited with code {process.returncode} while starting")
+        if accepts():
+            return
+        time.sleep(poll_s)
+    raise OSError(f"{what} did not listen within {timeout_s:.0f} s")
 
 
 class GuardProcess:
@@ -60,14 +74,7 @@ class GuardProcess:
         """Start the guard and wait until its port accepts connections."""
         self.process = subprocess.Popen(self.command(), stdout=self.output, env=guard_environment(),
                                         stderr=subprocess.STDOUT if self.output else None)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise OSError(f"it exited with code {self.process.returncode} (port {self.port} in use?)")
-            if self._accepts():
-                return
-            time.sleep(0.05)
-        raise OSError(f"its port {self.port} did not open within {timeout_s:.0f} s")
+        wait_listening(self.process, self._accepts, timeout_s, f"the gRPC guard (port {self.port})")
 
     def _accepts(self) -> bool:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)

@@ -127,7 +127,8 @@ def torch_workers(stubs: Iterable[int]) -> Dict[int, int]:
                 comm = (entry / "comm").read_text().strip()
             except OSError:
                 continue
-            if comm in names:
+            fields = _stat_fields(int(entry.name)) if comm in names else []
+            if fields and fields[0] not in ("Z", "X"):  # a killed worker stays a zombie until it is reaped
                 workers[int(entry.name)] = names[comm]
     return workers
 

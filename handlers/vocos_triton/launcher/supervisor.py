@@ -73,33 +73,23 @@ class ServerSupervisor(threading.Thread):
     def stopping(self) -> bool:
         return self._stop_event.is_set()
 
-    def check_guard(self) -> None:
-        """Start the gRPC guard again if it exited (it holds no state: calls in flight were lost with it)."""
-        guard = self.server.guard
-        if guard is None or guard.alive() or self.stopping:
-            return
-        log.error("the gRPC guard exited with code %s; restarting it", guard.process.returncode)
-        try:
-            guard.restart()
-        except OSError as exc:  # tried again next round
-            log.error("could not restart the gRPC guard: %s", exc)
-
-    def check_torch_host(self) -> None:
-        """Start the torch host again (on its socket) if it exited: running workers live on without it, and a
-        stub loaded meanwhile imported torch itself; the next ones fork from the new host again."""
-        host = self.server.torch_host
-        if host is None or host.alive() or self.stopping:
-            return
-        log.error("the torch host exited with code %s; restarting it", host.process.returncode)
-        try:
-            host.start()
-        except OSError as exc:
-            log.error("could not restart the torch host: %s", exc)
+    def check_helpers(self) -> None:
+        """Start again a helper process of the launcher that exited: the gRPC guard (it holds no state:
+        calls in flight were lost with it) and the torch host (on its socket: running workers live on
+        without it, a stub loaded meanwhile imported torch itself, the next ones fork from the new host)."""
+        for what, helper, restart in (("the gRPC guard", self.server.guard, "restart"),
+                                      ("the torch host", self.server.torch_host, "start")):
+            if helper is None or helper.alive() or self.stopping:
+                continue
+            log.error("%s exited with code %s; restarting it", what, helper.process.returncode)
+            try:
+                getattr(helper, restart)()
+            except OSError as exc:  # tried again next round
+                log.error("could not restart %s: %s", what, exc)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
-            self.check_guard()
-            self.check_torch_host()
+            self.check_helpers()
             process = self.server.process
             if process is None or process.poll() is None:
                 continue

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import IO, Dict, List, Optional
 
+from .guard_process import wait_listening
+from .memory import group_members
+
 #: how long the host may take to import torch and listen
 START_TIMEOUT_S = 120.0
 
@@ -38,14 +41,7 @@ class TorchHostProcess:
         self.socket_path.unlink(missing_ok=True)
         self.process = subprocess.Popen(self.command(), env=self.environment, stdout=self.output,
                                         stderr=subprocess.STDOUT if self.output else None, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise OSError(f"the torch host exited with code {self.process.returncode} while starting")
-            if self._accepts():
-                return
-            time.sleep(0.1)
-        raise OSError(f"the torch host did not listen within {timeout_s:.0f} s")
+        wait_listening(self.process, self._accepts, timeout_s, "the torch host", poll_s=0.1)
 
     def _accepts(self) -> bool:
         if not self.socket_path.exists():
@@ -71,4 +67,7 @@ class TorchHostProcess:
             except ProcessLookupError:
                 pass
             self.process.wait()
+            deadline = time.monotonic() + 2.0  # the workers, orphaned by the host, are reaped by init
+            while group_members(self.process.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
         shutil.rmtree(self.directory, ignore_errors=True)
