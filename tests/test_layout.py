@@ -23,8 +23,10 @@ def test_every_model_py_imports_the_serving_package():
     assert STUB_MODULES and all(name.startswith("vocos_triton.serving.") for name in STUB_MODULES), STUB_MODULES
 
 
-#: the models whose stub runs numpy on a CPU instance and must not pay for a torch import (~130 MB each)
-TORCH_FREE_MODELS = (contract.Model.ENCODEC_EMBEDDING, contract.Model.MEL_FEATURES)
+#: the models whose stub runs numpy on a CPU instance and must not pay for a torch import (~140 MB each): the
+#: numpy models, and the batched TorchScript models, whose forwards run in a worker of the torch host
+TORCH_FREE_MODELS = (contract.Model.ENCODEC_EMBEDDING, contract.Model.MEL_FEATURES, contract.Model.VOCOS_MEL,
+                     contract.Model.VOCOS_ENCODEC, contract.Model.ENCODEC_ENCODER)
 
 
 def stub_module(model: str) -> str:
