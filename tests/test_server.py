@@ -24,7 +24,7 @@ from vocos_triton.contract import (
     split_model_name,
 )
 from vocos_triton.launcher import metrics
-from vocos_triton.launcher.memory import torch_workers
+from vocos_triton.launcher.memory import stat_fields, torch_workers
 from vocos_triton.launcher.profiles import load_config
 from vocos_triton.launcher.server import LaunchError, ServerOptions, TritonServer, free_port
 from vocos_triton.launcher.watchdog import python_stubs
@@ -260,7 +260,7 @@ def test_stubs_run_in_the_serving_runtime_and_only_the_streaming_ones_import_tor
             assert not libraries, f"{name}'s stub imported torch"
             worker_libraries = torch_libraries(workers[pid])
             assert worker_libraries and all(lib.startswith(f"{runtime.prefix}/") for lib in worker_libraries)
-            hosts.add(int(Path(f"/proc/{workers[pid]}/stat").read_text().rsplit(")", 1)[1].split()[1]))
+            hosts.add(int(stat_fields(workers[pid])[1]))  # the worker's parent
     assert hosts == {triton.torch_host.process.pid}  # one host forked them all
 
 

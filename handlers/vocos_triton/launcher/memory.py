@@ -15,17 +15,28 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region"
 
 
+def stat_fields(pid: int) -> List[str]:
+    """/proc/<pid>/stat after the command: state, ppid, pgrp, ... ([] when the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a killed process stays one until it is reaped)."""
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
 def group_members(pgid: int) -> List[int]:
     """Live processes of process group ``pgid`` (the server runs in its own session, its stubs with it)."""
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+        fields = stat_fields(int(entry.name))
+        if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             members.append(int(entry.name))
     return members
 
@@ -109,14 +120,6 @@ def _name(pid: int) -> str:
     return Path(argv[0]).name if argv and argv[0] else str(pid)
 
 
-def _stat_fields(pid: int) -> List[str]:
-    """/proc/<pid>/stat after the command: state, ppid, pgrp, ... ([] when gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return []
-
-
 def torch_workers(stubs: Iterable[int]) -> Dict[int, int]:
     """The torch host's workers serving ``stubs`` (vocos_triton.serving.torch_host): worker pid -> stub pid."""
     names = {worker_name(stub): stub for stub in stubs}
@@ -127,8 +130,7 @@ def torch_workers(stubs: Iterable[int]) -> Dict[int, int]:
                 comm = (entry / "comm").read_text().strip()
             except OSError:
                 continue
-            fields = _stat_fields(int(entry.name)) if comm in names else []
-            if fields and fields[0] not in ("Z", "X"):  # a killed worker stays a zombie until it is reaped
+            if comm in names and is_alive(int(entry.name)):  # not a killed worker waiting to be reaped
                 workers[int(entry.name)] = names[comm]
     return workers
 
@@ -157,7 +159,7 @@ def process_tree_pss(pid: int) -> Dict[str, Union[float, Dict[str, float]]]:
     workers = torch_workers(child for child in tree if stub_model(child) is not None)
     for worker, stub in workers.items():
         add(_name(stub), worker)
-    hosts = {int(fields[1]) for fields in map(_stat_fields, workers) if fields} - {0, 1}
+    hosts = {int(fields[1]) for fields in map(stat_fields, workers) if fields} - {0, 1}
     for host in hosts:
         add(TORCH_HOST, host)
     return {"total_mb": sum(processes.values()), "processes": processes}

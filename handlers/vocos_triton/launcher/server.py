@@ -267,12 +267,12 @@ class ServerOptions:
         return TritonDistribution.find(python_version)
 
 
-#: each stub's shared-memory region (the Python backend's requests and responses pass through it): big
-#: enough from the start for the largest batch of the contract (eight 60 s items in and out, about
-#: 64 MB), so that a burst never makes it grow. The backend's defaults (1 MB, grown 1 MB at a time)
-#: grew it dozens of times in a burst of 60 s requests, and the burst crashes of tritonserver 2.51 (signal
-#: 11, a SIGBUS in libtriton_python.so, boost lock_exception) all came with such bursts. tmpfs pages
-#: cost memory only once touched, so the idle footprint does not change.
+#: how each stub's shared-memory region (the Python backend's requests and responses pass through it)
+#: grows: 64 MB at a time, about the largest batch of the contract (eight 60 s items in and out), so a
+#: burst grows it once instead of dozens of times. With the backend's 1 MB growth, bursts of 60 s requests
+#: crashed tritonserver 2.51 (signal 11, a SIGBUS in libtriton_python.so, boost lock_exception); with 64 MB,
+#: 40 bursts did not. The region still starts at the backend's 1 MB (a larger start is fallocated: 3 GB of
+#: tmpfs for the twelve stubs), and never shrinks (docs/architecture.md, "The launcher").
 PYTHON_BACKEND_SHM = {"shm-growth-byte-size": 64 << 20}
 
 

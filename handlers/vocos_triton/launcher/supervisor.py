@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vocos_triton.launcher.supervisor")
 
-def clean_up_group(pgid: int, known_regions: Iterable[Path] = ()) -> int:
-    """SIGKILL what is left of a dead server's process group, wait (10 s at most) until it is gone, and
-    remove its stubs' shared memory: the regions of the stubs still running, and ``known_regions`` (those
-    of stubs that already exited by themselves); returns how many regions were removed."""
+def clean_up_group(pgid: int, known_regions: Iterable[Path] = (), wait_s: float = 10.0) -> int:
+    """SIGKILL what is left of a process group (a dead server's, the torch host's), wait (``wait_s`` at most)
+    until it is gone, and remove its stubs' shared memory: the regions of the stubs still running, and
+    ``known_regions`` (those of stubs that already exited by themselves); returns how many regions were
+    removed."""
     members = group_members(pgid)
     regions = sorted(set(stub_regions(members)) | set(known_regions))
     for pid in members:
@@ -35,7 +36,7 @@ def clean_up_group(pgid: int, known_regions: Iterable[Path] = ()) -> int:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 10.0  # a killed stub takes a moment to release its memory and exit
+    deadline = time.monotonic() + wait_s  # a killed stub takes a moment to release its memory and exit
     while members and group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
     removed = 0

@@ -7,18 +7,15 @@ it is pickled.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import IO, Dict, List, Optional
 
 from .guard_process import wait_listening
-from .memory import group_members
+from .supervisor import clean_up_group
 
 #: how long the host may take to import torch and listen
 START_TIMEOUT_S = 120.0
@@ -62,12 +59,7 @@ class TorchHostProcess:
         """End the host and every worker it forked (they compute nothing once tritonserver has stopped),
         and remove its directory."""
         if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            # the workers, orphaned by the host, are reaped by init: wait for that, briefly (stop is bounded)
+            clean_up_group(self.process.pid, wait_s=2.0)
             self.process.wait()
-            deadline = time.monotonic() + 2.0  # the workers, orphaned by the host, are reaped by init
-            while group_members(self.process.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -28,21 +28,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from .memory import process_tree, stub_identity, stub_regions
+from .memory import is_alive, process_tree, stub_identity, stub_regions
 
 log = logging.getLogger("vocos_triton.watchdog")
 
 #: seconds a stub of a reloaded model may take to exit with the old model before it is ended
 RETIRED_GRACE_S = 20.0
-
-
-def _is_running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (tritonserver does not reap dead stubs)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _remove_regions(regions: Dict[int, List[Path]], pid: int) -> None:
@@ -62,7 +53,7 @@ def python_stub_instances(server_pid: int) -> Dict[int, Instance]:
     stubs = {}
     for pid in process_tree(server_pid):
         identity = stub_identity(pid)
-        if identity is not None and _is_running(pid):
+        if identity is not None and is_alive(pid):
             stubs[pid] = identity
     return stubs
 
@@ -222,7 +213,7 @@ class StubWatchdog(threading.Thread):
         retired: Dict[int, float] = {}
         retry: Dict[str, Set[str]] = {}  # model -> dead instances whose restore failed: tried again next round
         while not self._stop_event.wait(self.interval_s):
-            if not _is_running(self.server_pid):
+            if not is_alive(self.server_pid):
                 return
             try:  # one bad round (a process vanishing mid-scan) must not end the watchdog for good
                 alive = self.scan(retired, regions)

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -315,9 +315,7 @@ class RaggedBatchModel(TritonModel):
                 for r in sorted({it.request for it in batch}):
                     self.drop_if_cancelled(requests[r], r, responses)
             live = [it for it in batch if responses[it.request] is None]
-            late = too_late(live, time.time_ns(), self.forward_clock, self.batch_overhead_frames)
-            if late:
-                self.drop_late(late, responses)
+            if self.drop_too_late(live, {i: it.cost for i, it in enumerate(live)}, responses):
                 live = [it for it in live if responses[it.request] is None]
             if not live:
                 continue
@@ -347,13 +345,7 @@ class RaggedBatchModel(TritonModel):
                 frames = padded_frames(live, self.batch_overhead_frames) if progress.frames is None \
                     else progress.frames + self.batch_overhead_frames
                 self.forward_clock.observe(frames, now - started)
-                dropped: Set[int] = set()
-                if progress.remaining:
-                    pending = [Item(it.request, i, progress.remaining[i], None, it.deadline_ns)
-                               for i, it in enumerate(live) if i in progress.remaining]
-                    self.drop_late(too_late(pending, time.time_ns(), self.forward_clock, self.batch_overhead_frames),
-                                   responses)
-                    dropped = {p.row for p in pending if responses[p.request] is not None}
+                dropped = self.drop_too_late(live, progress.remaining, responses)
                 started = time.monotonic()
                 progress = steps.send(dropped)
         except StopIteration as stop:
@@ -365,6 +357,16 @@ class RaggedBatchModel(TritonModel):
         outputs = self.run_batch(items)
         yield Progress()
         return outputs
+
+    def drop_too_late(self, live: List[Item], remaining: Dict[int, int], responses: List[Optional[Any]]) -> Set[int]:
+        """Answer now the requests whose items of ``live`` would end after their caller stopped waiting, given
+        the frames each still has to compute (``remaining``, by index in ``live``; items absent are done).
+        Returns the indices of the items in ``remaining`` whose request has its response now."""
+        pending = [replace(live[i], cost=frames) for i, frames in remaining.items()]
+        late = too_late(pending, time.time_ns(), self.forward_clock, self.batch_overhead_frames)
+        if late:
+            self.drop_late(late, responses)
+        return {i for i in remaining if responses[live[i].request] is not None}
 
     def drop_late(self, late: List[Item], responses: List[Optional[Any]]) -> None:
         """Answer the requests of ``late`` items: their forward would end after their caller stopped waiting."""

@@ -90,9 +90,7 @@ class ScriptModel(RaggedBatchModel):
             os._exit(1)
 
     def finalize(self) -> None:
-        close = getattr(self.script, "close", None)
-        if close is not None:
-            close()
+        self.script.close()
         self.script = None
 
 
@@ -133,16 +131,16 @@ class VocoderModel(ScriptModel):
     def steps(self, items: List[FeaturesRow]) -> Steps:
         """The batch in windows of at least ``min_window_frames`` frames, about ``step_frames`` padded frames
         a forward, when its longest item needs more than one; else one forward."""
-        lengths = [it.features.shape[1] for it in items]
+        frames = [it.features.shape[1] for it in items]
         window = max(self.min_window_frames, self.step_frames // len(items))
-        if self.context_frames is None or max(lengths) <= window + self.context_frames:
+        if self.context_frames is None or max(frames) <= window + self.context_frames:
             return (yield from super().steps(items))
 
         def decode(members: List[int], first: int, end: int) -> np.ndarray:
-            return self.forward([FeaturesRow(items[i].features[:, first : min(end, lengths[i])],
+            return self.forward([FeaturesRow(items[i].features[:, first : min(end, frames[i])],
                                              items[i].bandwidth_id) for i in members])
 
-        waveforms = yield from decode_in_windows(lengths, decode, window, self.context_frames,
+        waveforms = yield from decode_in_windows(frames, decode, window, self.context_frames,
                                                  self.geometry.hop_length, self.geometry.waveform_samples)
         return [None if w is None else {Tensor.WAVEFORM: w} for w in waveforms]
 

@@ -29,6 +29,12 @@ def worker_name(stub_pid: int) -> str:
     return f"vw-{stub_pid}"[:15]
 
 
+def kernel_measure_key(name: str) -> str:
+    """Under which key a stub's Linear-kernel measurement is shared (:func:`.kernels.measure_once`): the
+    instances of a model are stubs of the same tritonserver (their parent), and one measures for all."""
+    return f"{os.getppid()}-{name}"
+
+
 class WorkerLost(RuntimeError):
     """The stub's worker is gone: the stub cannot compute any more and should be replaced."""
 
@@ -76,8 +82,7 @@ def open_script(args: Dict[str, str], version_dir: str, name: str, threads: int,
     """``<version_dir>/model.pt`` where it should run (see the module's docstring). ``kernel_probe``: the
     forward arguments to time the Linear kernels on (None: nothing to choose)."""
     load = dict(args=args, version_dir=version_dir, threads=threads, name=name, kernel_probe=kernel_probe,
-                # the instances of a model are stubs of the same tritonserver (their parent): one measures for all
-                measure_key=f"{os.getppid()}-{name}")
+                measure_key=kernel_measure_key(name))
     path = os.environ.get(TORCH_HOST_ENV, "")
     if path and args.get("model_instance_kind") != "GPU":
         try:

@@ -11,6 +11,7 @@ import torch
 from ..contract import Geometry
 from .base import pad_stack, server_log
 from .kernels import KernelChoice, choose_linear_kernel, measure_once, switchable
+from .scripts import kernel_measure_key
 
 ARTIFACT = "model.pt"
 
@@ -60,7 +61,7 @@ def choose_and_log_kernel(module: torch.jit.ScriptModule, device: torch.device,
                           probe: Optional[Sequence[Any]], name: str, pb: Any) -> Optional[KernelChoice]:
     """:func:`choose_kernel` in a stub (its parent is the tritonserver the instances share), the choice
     written into tritonserver's log."""
-    choice = choose_kernel(module, device, probe, name, f"{os.getppid()}-{name}")
+    choice = choose_kernel(module, device, probe, name, kernel_measure_key(name))
     if choice is not None:
         server_log(pb, choice.log_line(name))
     return choice
@@ -91,6 +92,9 @@ class LoadedScript:
 
     def settle(self) -> None:
         """Nothing to do: in the stub's own process, the stub's heap policy covers the module."""
+
+    def close(self) -> None:
+        self.module = None
 
 
 class TorchScriptMelFeatures:
