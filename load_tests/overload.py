@@ -300,10 +300,13 @@ async def stub_kill(client: aioclient.InferenceServerClient, server: TritonServe
     return {"calls": float(len(outcomes)), "failed": float(len(failed)),
             "failed_share": len(failed) / max(1, len(outcomes)), "repair_s": repaired_at - killed_at,
             "p99_during_repair_ms": percentile([o.seconds for o in during], 99) * 1000,
-            # the failed calls are the dead stub's batch, answered when tritonserver notices the death
+            # behind the guard, the calls a dead stub held are sent again; without it they fail after 1-2 s
             "p99_answered_during_repair_ms": percentile([o.seconds for o in during if o.kind == "ok"], 99) * 1000,
             "calls_during_repair": float(len(during)),
-            "first_failures": [o.message for o in failed[:3]]}
+            "first_failures": [o.message for o in failed[:3]],
+            # every call around the kill: (sent, seconds after the kill; took, seconds; outcome)
+            "timeline": [(round(o.sent_at - killed_at, 3), round(o.seconds, 3), o.kind) for o in outcomes
+                         if killed_at - 2.0 <= o.sent_at <= repaired_at + 1.0]}
 
 
 async def scenario(args: argparse.Namespace, url: str, pids: Sequence[int], report: Report,

@@ -32,9 +32,10 @@ RESTORE_WITHIN_S = 30.0
 
 def test_killed_stub_is_replaced_while_the_other_instance_serves(triton, reference_mel, speech_1s):
     """One of vocos_mel's two stubs is SIGKILLed under load from plain tritonclient callers (no retries).
-    The watchdog takes the dead instance out and starts a replacement beside the live one (an in-place
-    instance update): the model never stops answering, so only the calls the dead stub held, and at most
-    one batch routed to it before it left, fail; none says the model is unavailable."""
+    The watchdog starts a replacement beside the live instance and takes the dead one out (an in-place
+    instance update): the model never stops answering. The guard sends again the calls the dead stub held
+    (its holding file) and any that tritonserver routed to it before it left: no call fails, and every
+    answer is the reference's audio."""
     mel = ref.mel_features(reference_mel, speech_1s)
     expected = ref.mel_decode(reference_mel, mel)
     outcomes: List[Tuple[float, str]] = []  # (seconds since the kill, "ok" or the status)
@@ -81,10 +82,7 @@ def test_killed_stub_is_replaced_while_the_other_instance_serves(triton, referen
     assert survivor in after and victim not in after and sorted(after.values()) == sorted(before.values())
     assert not region.exists()  # the killed stub's shared memory is removed, not leaked
     failed = [(round(t, 2), status) for t, status in outcomes if status != "ok"]
-    assert len(outcomes) >= 20 and all(t >= -1.0 for t, _ in failed), failed  # none before the kill
-    # what the dead stub held (a batch of at most one call per caller) and at most one more batch
-    assert len(failed) <= 2 * callers, failed
-    assert not any("available" in status or "UNAVAILABLE" in status for _, status in failed), failed
+    assert len(outcomes) >= 20 and not failed, failed
     # the ensembles that use the model answer too
     raw = grpcclient.InferenceServerClient(triton.grpc_url)
     result = raw.infer("resynthesize_mel", make_inputs({"audio": speech_1s}), client_timeout=60)

@@ -79,6 +79,9 @@ class Access:
 #: the gRPC guard (vocos_triton.launcher.guard) turns a client's deadline into it, and the models skip a
 #: request whose deadline has passed instead of computing it (ensembles pass it on to their steps).
 DEADLINE_PARAMETER = "vocos_deadline_ns"
+#: a request parameter (int64): the gRPC guard's number for the call, which the models note while they hold
+#: it, so that the calls of a stub that dies can be sent again at once (vocos_triton.serving.holding)
+CALL_PARAMETER = "vocos_call"
 
 #: The entry points a client calls, by input kind (``audio_mel``: audio without a bandwidth).
 ENTRY_MODELS = {

@@ -27,6 +27,10 @@ tritonserver's own full queue would, without tritonserver ever receiving it. Bur
 requests into the ensembles crashed tritonserver 2.51 (signal 11) whether or not their clients cancelled,
 and held gigabytes in flight; the guard keeps them out.
 
+A call that a dead stub held is not lost: the launcher's watchdog tells the guard (on its stdin) which calls
+the stub held, and the guard sends them again and answers with the first copy that succeeds
+(vocos_triton.launcher.resend).
+
 Metadata (the API and admin keys) is forwarded, so tritonserver still decides who may do what; TLS, when
 configured, ends at the guard (docs/exposure.md). HTTP and metrics stay tritonserver's own.
 
@@ -38,19 +42,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
+import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import grpc
 from tritonclient.grpc import service_pb2
 
-from ..contract import DEADLINE_PARAMETER
+from ..contract import CALL_PARAMETER, DEADLINE_PARAMETER
 from ..serving.allocator import trim_function
 from .guard_process import MAX_IN_FLIGHT
+from .resend import InferCall, Resender
 
 log = logging.getLogger("vocos_triton.launcher.guard")
 
@@ -69,6 +77,12 @@ QUEUE_FULL = "Exceeds maximum queue size (the gRPC guard's limit of calls in fli
 IDLE_TRIM_S = 2.0
 #: no limit on message sizes: tritonserver and the models enforce the contract's limits
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+#: the channel to tritonserver reconnects within a second once it is back: gRPC's default backoff grows to
+#: 120 s, and after the supervisor had restarted a crashed tritonserver (32.6 s) the guard went on failing
+#: every call with "failed to connect" for a while (measured in make overload)
+UPSTREAM_OPTIONS = CHANNEL_OPTIONS + [("grpc.initial_reconnect_backoff_ms", 100),
+                                      ("grpc.min_reconnect_backoff_ms", 100),
+                                      ("grpc.max_reconnect_backoff_ms", 1000)]
 #: metadata that belongs to the hop, not to the call
 _HOP_METADATA = ("user-agent", "te", "content-type", "host")
 
@@ -115,12 +129,13 @@ class Guard:
         self.max_in_flight = max_in_flight
         self.in_flight: Dict[str, int] = {}  # model -> inference calls upstream now (their clients may be gone)
         self.refused = 0
-        self.channel = grpc.aio.insecure_channel(upstream, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(upstream, options=UPSTREAM_OPTIONS)
         # calls whose client has gone, kept until tritonserver answers them (a task nobody references
         # could be collected mid-flight)
         self.orphans: Set[asyncio.Future] = set()
         self.abandoned = 0  # calls whose client went before tritonserver answered
         self.calls = 0  # calls forwarded (a change tells the idle trim there was work since it last looked)
+        self.resender = Resender()  # sends again the calls a dead stub may hold
 
     async def give_back_memory_when_idle(self, every_s: float = IDLE_TRIM_S) -> None:
         """Return freed memory to the OS once no inference call has been in flight for ``every_s``, after
@@ -149,6 +164,10 @@ class Guard:
 
     def _orphan(self, future: asyncio.Future) -> None:
         self.abandoned += 1
+        self._keep(future)
+
+    def _keep(self, future: asyncio.Future) -> None:
+        """Hold ``future`` until it is done (asyncio keeps no reference to a task)."""
         self.orphans.add(future)
         future.add_done_callback(self._forget)
 
@@ -161,41 +180,83 @@ class Guard:
         stub = self.channel.unary_unary(path)
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            metadata = forwarded_metadata(context.invocation_metadata())
             remaining = context.time_remaining()
-            timeout = remaining
-            model = None
             if path == INFER:
-                message = service_pb2.ModelInferRequest.FromString(request)
-                model = message.model_name
-                if self.in_flight.get(model, 0) >= self.max_in_flight:
-                    self.refused += 1
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, QUEUE_FULL.format(model=model))
-                if remaining is not None:
-                    request = add_deadline(message, remaining).SerializeToString()
-                del message
-                timeout = None if remaining is None else remaining + ORPHAN_LIMIT_S
-            call = asyncio.ensure_future(
-                stub(request, metadata=forwarded_metadata(context.invocation_metadata()), timeout=timeout))
-            del request  # the call holds what it sends
+                return await self._infer(stub, request, metadata, remaining, context)
+            call = asyncio.ensure_future(stub(request, metadata=metadata, timeout=remaining))
             self.calls += 1
-            if model is not None:
-                # the model's slot frees when tritonserver answers, or once the deadline has passed (the
-                # models then skip the call at their next look), not when the client goes
-                slot = Slot(self, model)
-                call.add_done_callback(lambda _: slot.free())
-                if remaining is not None:
-                    asyncio.get_running_loop().call_later(remaining, slot.free)
-            try:
-                return await asyncio.shield(call)
-            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
-                if not call.done():
-                    self._orphan(call)
-                raise
-            except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), error.details() or "")
-                raise  # not reached: abort raises
+            return await self._answer(call, context, lambda: call.done() or self._orphan(call))
 
         return forward
+
+    async def _infer(self, stub: grpc.aio.UnaryUnaryMultiCallable, request: bytes, metadata: List[Tuple[str, Any]],
+                     remaining: Optional[float], context: grpc.aio.ServicerContext) -> bytes:
+        """A ModelInfer: refused at the in-flight limit, else sent upstream with the client's deadline as
+        Triton's timeout and the models' deadline parameter, and sent again when a dead stub may hold it
+        (vocos_triton.launcher.resend)."""
+        message = service_pb2.ModelInferRequest.FromString(request)
+        model = message.model_name
+        if self.in_flight.get(model, 0) >= self.max_in_flight:
+            self.refused += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, QUEUE_FULL.format(model=model))
+        if remaining is not None:
+            add_deadline(message, remaining)
+        number = self.resender.number()
+        message.parameters[CALL_PARAMETER].int64_param = number  # the stub that holds it notes it
+        request = message.SerializeToString()
+        del message
+        loop = asyncio.get_running_loop()
+        deadline = None if remaining is None else loop.time() + remaining
+
+        def send(copy: int) -> Awaitable[bytes]:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            body = request
+            if copy and left is not None:  # a later copy: Triton's timeout is what is left of the deadline
+                body = add_deadline(service_pb2.ModelInferRequest.FromString(request), left).SerializeToString()
+            # upstream, the deadline is only a bound for a hung server: the guard never cancels a call
+            return stub(body, metadata=metadata, timeout=None if left is None else left + ORPHAN_LIMIT_S)
+
+        call = self.resender.start(model, number, len(request), send, deadline)
+        self.calls += 1
+        # the model's slot frees when the call is answered, or once the deadline has passed (the models
+        # then skip it at their next look), not when the client goes (see _abandon)
+        slot = Slot(self, model)
+        call.answer.add_done_callback(lambda answer: answer.cancelled() or slot.free())
+        if remaining is not None:
+            loop.call_later(remaining, slot.free)
+        try:
+            return await self._answer(call.answer, context, lambda: self._abandon(call, slot))
+        finally:
+            for copy in call.pending():  # copies that lost, or whose client went, finish unseen
+                self._keep(copy)
+
+    def _abandon(self, call: InferCall, slot: Slot) -> None:
+        """``call``'s client has gone: no more copies; those out finish unseen, and hold the model's slot
+        until they do (or the deadline passes)."""
+        if call.answer.done():
+            return
+        call.answer.cancel()
+        self.resender.forget(call)
+        self.abandoned += 1
+        pending = call.pending()
+        if pending:
+            asyncio.gather(*pending, return_exceptions=True).add_done_callback(lambda _: slot.free())
+        else:
+            slot.free()
+
+    async def _answer(self, answer: asyncio.Future, context: grpc.aio.ServicerContext,
+                      client_gone: Callable[[], Any]) -> bytes:
+        """``answer`` for the client, its error as the client's status; when the client cancels or its
+        deadline passes, ``client_gone()`` and the call goes on upstream, unseen."""
+        try:
+            return await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            client_gone()
+            raise
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), error.details() or "")
+            raise  # not reached: abort raises
 
     def _stream(self, path: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
         stub = self.channel.stream_stream(path)
@@ -235,7 +296,24 @@ class Guard:
         async for _ in call:
             pass
 
+    async def follow_repairs(self, notices: asyncio.StreamReader) -> None:
+        """Read the launcher's notices of stub repairs (JSON lines ``{"event": "repairing" | "repaired",
+        "models": [...]}``, from the watchdog) until the launcher closes the pipe."""
+        while line := await notices.readline():
+            try:
+                notice = json.loads(line)
+                event, models = notice["event"], [str(m) for m in notice["models"]]
+                held = None if notice.get("calls") is None else [int(c) for c in notice["calls"]]
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a notice the guard cannot read: %r", line[:200])
+                continue
+            if event == "repairing":
+                self.resender.repair_started(models, held)
+            elif event == "repaired":
+                self.resender.repair_ended(models)
+
     async def close(self, grace_s: float) -> None:
+        self.resender.close()
         if self.orphans:
             await asyncio.wait(list(self.orphans), timeout=grace_s)
         await self.channel.close()
@@ -254,6 +332,7 @@ async def serve(listen: str, upstream: str, credentials: Optional[grpc.ServerCre
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     trimming = asyncio.ensure_future(guard.give_back_memory_when_idle())
+    following = asyncio.ensure_future(guard.follow_repairs(await stdin_reader())) if stdin_is_pipe() else None
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -264,10 +343,27 @@ async def serve(listen: str, upstream: str, credentials: Optional[grpc.ServerCre
         ready(port)
     await stop.wait()
     trimming.cancel()
+    if following is not None:
+        following.cancel()
     await server.stop(grace=grace_s)
     await guard.close(grace_s=0.5)
-    log.info("gRPC guard stopped (%d calls outlived their client, %d refused at the in-flight limit)",
-             guard.abandoned, guard.refused)
+    log.info("gRPC guard stopped (%d calls outlived their client, %d refused at the in-flight limit, %d copies "
+             "sent again around stub deaths, %d calls answered by one)", guard.abandoned, guard.refused,
+             guard.resender.resent, guard.resender.rescued)
+
+
+def stdin_is_pipe() -> bool:
+    """Whether the guard's stdin is a pipe: the launcher's notices of stub repairs come that way."""
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+async def stdin_reader() -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
 
 
 def server_credentials(cert: Path, key: Path, ca: Optional[Path]) -> grpc.ServerCredentials:

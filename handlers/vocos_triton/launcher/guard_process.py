@@ -6,13 +6,15 @@ and must not share a GIL with whatever else the launcher's process runs (the tes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import IO, Callable, Dict, List, Optional
+from typing import IO, Callable, Dict, List, Optional, Sequence
 
 from .access import Tls
 
@@ -59,6 +61,7 @@ class GuardProcess:
         self.grace_s = grace_s  # what calls in flight get after SIGTERM: the launcher's exit timeout
         self.max_in_flight = max_in_flight
         self.process: Optional[subprocess.Popen] = None
+        self._notify_lock = threading.Lock()
 
     def command(self) -> List[str]:
         listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -73,7 +76,8 @@ class GuardProcess:
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the guard and wait until its port accepts connections."""
         self.process = subprocess.Popen(self.command(), stdout=self.output, env=guard_environment(),
-                                        stderr=subprocess.STDOUT if self.output else None)
+                                        stderr=subprocess.STDOUT if self.output else None, stdin=subprocess.PIPE)
+        os.set_blocking(self.process.stdin.fileno(), False)  # a stuck guard must not stall the watchdog
         wait_listening(self.process, self._accepts, timeout_s, f"the gRPC guard (port {self.port})")
 
     def _accepts(self) -> bool:
@@ -81,6 +85,20 @@ class GuardProcess:
         with contextlib.suppress(OSError), socket.create_connection((host, self.port), timeout=0.5):
             return True
         return False
+
+    def notify(self, event: str, models: Sequence[str], calls: Optional[Sequence[int]] = None) -> None:
+        """Tell the guard that a stub repair of ``models`` is ``"repairing"`` (the dead stubs held ``calls``,
+        None: unknown) or ``"repaired"``: the watchdog's notices; the guard sends those calls again."""
+        process = self.process
+        if process is None or process.stdin is None or process.poll() is not None:
+            return
+        notice = {"event": event, "models": list(models)}
+        if calls is not None:
+            notice["calls"] = list(calls)
+        line = json.dumps(notice) + "\n"
+        with self._notify_lock, contextlib.suppress(BlockingIOError, BrokenPipeError, ValueError):
+            process.stdin.write(line.encode())
+            process.stdin.flush()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

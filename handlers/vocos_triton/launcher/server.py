@@ -25,10 +25,12 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -39,6 +41,7 @@ from typing import IO, Dict, List, Optional, Sequence, Set
 
 from ..contract import Access
 from ..paths import DEFAULT_BUILD_DIR, DEFAULT_REPOSITORY
+from ..serving.holding import HOLDING_DIR_ENV
 from ..serving.scripts import TORCH_HOST_ENV
 from .access import (
     AccessError,
@@ -297,6 +300,7 @@ class TritonServer:
         self._api_key: Optional[str] = None
         self.guard: Optional[GuardProcess] = None
         self.torch_host: Optional[TorchHostProcess] = None
+        self.holding_dir: Optional[Path] = None  # the stubs' holding files, for the watchdog
         # tritonserver's own gRPC port: the public one without the guard, a loopback one behind it
         self.upstream_grpc_port = options.grpc_port
 
@@ -396,6 +400,9 @@ class TritonServer:
         self._environment = self.environment(distribution, runtime)
         log.info("starting %s", redact(self._command, [self._admin_key, self._api_key]))
         try:
+            if o.guard:  # the stubs note which guard calls they hold (vocos_triton.serving.holding)
+                self.holding_dir = Path(tempfile.mkdtemp(prefix="vocos-holding-"))
+                self._environment[HOLDING_DIR_ENV] = str(self.holding_dir)
             if o.torch_host and o.profile != "gpu":
                 self.torch_host = TorchHostProcess(runtime.python, self._environment, self._log_handle)
                 self.torch_host.start()
@@ -436,8 +443,15 @@ class TritonServer:
         self.known_regions = stub_regions(group_members(process.pid))
         if self.options.watchdog:
             http_headers = {Access.ADMIN_KEY: self._admin_key} if self._admin_key else {}
-            self.watchdog = StubWatchdog(self.process.pid, self.http_url, headers=http_headers)
+            self.watchdog = StubWatchdog(self.process.pid, self.http_url, headers=http_headers,
+                                         notify=self._tell_guard, holding_dir=self.holding_dir)
             self.watchdog.start()
+
+    def _tell_guard(self, event: str, models: Sequence[str], calls: Optional[Sequence[int]]) -> None:
+        """The watchdog's notices of stub repairs, for the guard (which sends again what a dead stub held)."""
+        guard = self.guard
+        if guard is not None:
+            guard.notify(event, models, calls)
 
     def running(self) -> bool:
         """Whether the server is up, or down and being restarted by its supervisor."""
@@ -513,6 +527,9 @@ class TritonServer:
         host, self.torch_host = self.torch_host, None
         if host is not None:  # its workers compute for stubs that are gone now
             host.stop()
+        holding, self.holding_dir = self.holding_dir, None
+        if holding is not None:
+            shutil.rmtree(holding, ignore_errors=True)
         if process is not None:  # stubs outlive a killed server (and a crashed one), with their memory
             removed = clean_up_group(process.pid, self.known_regions)
             if removed:

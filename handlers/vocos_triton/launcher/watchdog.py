@@ -6,11 +6,22 @@ repairs it but takes every instance away for seconds ("has no available versions
 costs no availability instead: each instance is its own ``instance_group`` of count 1 with its own
 ``host_policy`` name (model_repository/*/config.pbtxt), so each has its own identity (tritonserver's
 instance *signature*), and a load whose config override differs only in ``instance_group`` updates the
-instances in place while the model serves (core ``TritonModel::UpdateInstanceGroup``):
+instances in place while the model serves (core ``TritonModel::UpdateInstanceGroup``): one load whose
+config has the dead instance's group under a new ``host_policy`` generation (``vocos_mel_0`` ->
+``vocos_mel_0.r1``). The new stub starts beside the serving ones; once it is ready the dead instance is
+taken out, and the load returns when its backend thread has ended.
 
-1. the model's config without the dead instance's group: the dead instance leaves, the others stay;
-2. the config with that group again under a new ``host_policy`` generation (``vocos_mel_0`` →
-   ``vocos_mel_0.r1``): a new stub starts beside the serving ones and joins them when it is ready.
+Why one load, not "remove, then add": tritonserver 2.51 counts the exit order it queues for a removed
+instance against the model's *waiting* instances (core ``RateLimiter::EnqueuePayload`` decrements the
+consumer count of the shared queue). Removing the dead instance while it still holds its batch (the
+backend fails that batch only after its 1 s health poll, 1-2 s after the death) left the live instance
+with no batch to take for that long: every call of the model waited (measured: 1.6 s without an answer).
+Removed together with the replacement's arrival, the replacement's own place in the queue makes up for it.
+
+The launcher's gRPC guard is told when a repair starts and ends (``notify``), with the models it concerns
+(the model and the ensembles that run it): it sends again the calls the dead instance may hold
+(vocos_triton.launcher.guard), so that clients see neither its failed batch nor the one it may take
+before it leaves.
 
 A model whose groups are not laid out so (an edited config) is unloaded and loaded as before.
 """
@@ -20,14 +31,16 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from ..serving.holding import held_calls
 from .memory import is_alive, process_tree, stub_identity, stub_regions
 
 log = logging.getLogger("vocos_triton.watchdog")
@@ -45,6 +58,67 @@ def _remove_regions(regions: Dict[int, List[Path]], pid: int) -> None:
 
 #: a model instance: (model name, instance name)
 Instance = Tuple[str, str]
+#: what the watchdog tells (the guard): ``(event, models, calls)``, event "repairing" (``calls``: the guard's
+#: calls the dead stubs held, None when unknown) or "repaired"
+Notify = Callable[[str, Sequence[str], Optional[Sequence[int]]], None]
+
+
+def ensemble_users(configs: Iterable[Dict[str, Any]]) -> Dict[str, Set[str]]:
+    """model -> the ensembles that run it, directly or through another ensemble, from the models' configs
+    (tritonserver's JSON form)."""
+    steps = {c["name"]: {s.get("model_name") for s in c.get("ensemble_scheduling", {}).get("step", [])}
+             for c in configs if c.get("name")}
+    users: Dict[str, Set[str]] = {}
+    for ensemble, models in steps.items():
+        for model in models:
+            users.setdefault(model, set()).add(ensemble)
+    changed = True
+    while changed:  # an ensemble of ensembles: its users use the inner ensemble's models too
+        changed = False
+        for model, ensembles in users.items():
+            more = set().union(*(users.get(e, set()) for e in ensembles)) - ensembles - {model}
+            if more:
+                ensembles |= more
+                changed = True
+    return users
+
+
+class ExitWaiter:
+    """Waits until one of a set of processes exits (``pidfd`` poll: the stubs are tritonserver's children,
+    not ours), or a timeout passes, or :meth:`wake` is called; a plain sleep where pidfds are missing."""
+
+    def __init__(self) -> None:
+        self._fds: Dict[int, int] = {}  # pid -> pidfd
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+
+    def watch(self, pids: Iterable[int]) -> None:
+        """Watch exactly ``pids`` from now on."""
+        pids = set(pids)
+        for pid in list(self._fds.keys() - pids):
+            os.close(self._fds.pop(pid))
+        for pid in pids - self._fds.keys():
+            with contextlib.suppress(OSError, AttributeError):  # gone already (the next scan sees it), or no pidfd
+                self._fds[pid] = os.pidfd_open(pid)
+
+    def wait(self, timeout_s: float) -> None:
+        poller = select.poll()
+        for fd in (*self._fds.values(), self._wake_read):
+            poller.register(fd, select.POLLIN)
+        if poller.poll(timeout_s * 1000):
+            with contextlib.suppress(BlockingIOError):
+                os.set_blocking(self._wake_read, False)
+                os.read(self._wake_read, 64)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"x")
+
+    def close(self) -> None:
+        self.watch(())
+        for fd in (self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def python_stub_instances(server_pid: int) -> Dict[int, Instance]:
@@ -102,20 +176,26 @@ class StubWatchdog(threading.Thread):
     """
 
     def __init__(self, server_pid: int, http_url: str, interval_s: float = 0.2,
-                 headers: Optional[Dict[str, str]] = None) -> None:
+                 headers: Optional[Dict[str, str]] = None, notify: Optional[Notify] = None,
+                 holding_dir: Optional[Path] = None) -> None:
         super().__init__(name="stub-watchdog", daemon=True)
+        self.notify = notify
+        self.holding_dir = holding_dir  # the stubs' holding files (vocos_triton.serving.holding)
         self.server_pid = server_pid
         self.http_url = http_url
         self.headers = dict(headers or {})  # the admin key: the repository API is restricted
         self.interval_s = interval_s
         self.restarts: List[Tuple[str, float]] = []  # (model, seconds from noticing to loaded)
         self._stop_event = threading.Event()
+        self._exits = ExitWaiter()  # a stub's death wakes the watchdog at once: the guard re-sends its calls
+        self._users: Optional[Dict[str, Set[str]]] = None  # model -> ensembles that run it (read when needed)
         self._first_scan = python_stub_instances(server_pid)
         # model -> groups taken out of it whose replacement has not loaded yet (added again next round)
         self._lost_groups: Dict[str, Dict[str, Dict[str, Any]]] = {}
 
     def stop(self) -> None:
         self._stop_event.set()
+        self._exits.wake()
 
     def scan(self, retired: Dict[int, float], regions: Dict[int, List[Path]]) -> Dict[int, Instance]:
         """The live stubs, less the retired ones (see :meth:`run`); forgets retired stubs that have
@@ -125,6 +205,7 @@ class StubWatchdog(threading.Thread):
             if pid not in alive:
                 del retired[pid]
                 _remove_regions(regions, pid)
+                self.held([pid])
             elif time.monotonic() - since > RETIRED_GRACE_S:
                 log.warning("stub %d of an unloaded model (%s) still runs %.0f s after the reload; ending it",
                             pid, alive[pid][0], RETIRED_GRACE_S)
@@ -145,6 +226,42 @@ class StubWatchdog(threading.Thread):
         with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/config", timeout=10) as response:
             return json.loads(response.read())
 
+    def _read_ensemble_users(self) -> Dict[str, Set[str]]:
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json", **self.headers})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            index = json.loads(response.read())
+        ready = sorted({m["name"] for m in index if m.get("state") == "READY"})
+        return ensemble_users(self._config(name) for name in ready)
+
+    def refresh_ensembles(self) -> None:
+        """Read which ensembles run which models (at the start, and after each repair: a reload may change it)."""
+        try:
+            self._users = self._read_ensemble_users()
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            log.warning("could not read which ensembles run which models (%s)", exc)
+
+    def concerned(self, models: Iterable[str]) -> List[str]:
+        """``models`` and the ensembles that run them: the models whose calls a dead stub may hold."""
+        models = set(models)
+        if models and self._users is None:
+            self.refresh_ensembles()
+        users = self._users or {}
+        return sorted(models.union(*(users.get(m, set()) for m in models)))
+
+    def held(self, pids: Iterable[int]) -> Optional[List[int]]:
+        """The guard's calls that the stubs ``pids`` held (their holding files, removed); None when unknown."""
+        if self.holding_dir is None:
+            return None
+        return sorted({call for pid in pids for call in held_calls(self.holding_dir, pid)})
+
+    def _tell(self, event: str, models: Sequence[str], calls: Optional[Sequence[int]] = None) -> None:
+        if self.notify is not None and models:
+            try:
+                self.notify(event, models, calls)
+            except Exception:  # the guard restarting: it is told at the next repair
+                log.exception("could not tell the guard that %s is %s", ", ".join(models), event)
+
     def replace_instances(self, model: str, instances: Set[str]) -> bool:
         """Replace the dead ``instances`` of ``model`` while its other instances serve (module docstring);
         False when its config does not allow it (nothing was changed)."""
@@ -155,8 +272,6 @@ class StubWatchdog(threading.Thread):
             return False
         lost.update({g["name"]: g for g in groups_of(groups, instances)})
         survivors = [g for g in groups if g.get("name") not in lost]
-        if survivors and len(survivors) < len(groups):  # the dead instance leaves first, the others serve
-            self._load_with_config(model, dict(config, instance_group=survivors))
         replacements = [dict(g, host_policy=next_generation(g["host_policy"])) for g in lost.values()]
         self._load_with_config(model, dict(config, instance_group=survivors + replacements))
         del self._lost_groups[model]
@@ -212,8 +327,18 @@ class StubWatchdog(threading.Thread):
         # one still running RETIRED_GRACE_S later is ended (it would hold its memory for good).
         retired: Dict[int, float] = {}
         retry: Dict[str, Set[str]] = {}  # model -> dead instances whose restore failed: tried again next round
-        while not self._stop_event.wait(self.interval_s):
-            if not is_alive(self.server_pid):
+        self.refresh_ensembles()  # now, while the server is idle: a death is told at once
+        try:
+            self._watch(known, regions, retired, retry)
+        finally:
+            self._exits.close()
+
+    def _watch(self, known: Dict[int, Instance], regions: Dict[int, List[Path]], retired: Dict[int, float],
+               retry: Dict[str, Set[str]]) -> None:
+        while True:
+            self._exits.watch(known)
+            self._exits.wait(self.interval_s)
+            if self._stop_event.is_set() or not is_alive(self.server_pid):
                 return
             try:  # one bad round (a process vanishing mid-scan) must not end the watchdog for good
                 alive = self.scan(retired, regions)
@@ -221,7 +346,14 @@ class StubWatchdog(threading.Thread):
                 pending = {model: set(instances) for model, instances in retry.items()}
                 for model, instance in dead.values():
                     pending.setdefault(model, set()).add(instance)
-                outcomes = {model: self.restore(model, instances) for model, instances in sorted(pending.items())}
+                concerned = self.concerned(pending)
+                self._tell("repairing", concerned, self.held(dead))
+                try:
+                    outcomes = {model: self.restore(model, instances) for model, instances in sorted(pending.items())}
+                finally:
+                    self._tell("repaired", concerned)
+                if outcomes:
+                    self.refresh_ensembles()
                 retry = {model: pending[model] for model, how in outcomes.items() if how is None}
                 for pid in dead:
                     _remove_regions(regions, pid)

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from ..contract import (
+    CALL_PARAMETER,
     DEADLINE_PARAMETER,
     DEFAULT_MAX_SECONDS,
     Geometry,
@@ -32,6 +33,7 @@ from ..contract import (
     Tensor,
 )
 from .allocator import IDLE_RELEASE_S, MemoryReleaser
+from .holding import Holding
 from .metrics import AudioSeconds
 from .windows import Progress, Steps
 
@@ -159,13 +161,18 @@ def server_log(pb: Any, line: str, warning: bool = False) -> None:
         (logger.log_warn if warning else logger.log_info)(line)
 
 
-def request_deadline_ns(request: Any) -> Optional[int]:
-    """The request's :data:`~vocos_triton.contract.DEADLINE_PARAMETER` (ns since the epoch), or None."""
+def request_int_parameter(request: Any, name: str) -> Optional[int]:
+    """The request's positive integer parameter ``name``, or None."""
     try:
-        value = json.loads(request.parameters() or "{}").get(DEADLINE_PARAMETER)
+        value = json.loads(request.parameters() or "{}").get(name)
     except (AttributeError, ValueError):  # a stub without parameters(), or no JSON
         return None
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def request_deadline_ns(request: Any) -> Optional[int]:
+    """The request's :data:`~vocos_triton.contract.DEADLINE_PARAMETER` (ns since the epoch), or None."""
+    return request_int_parameter(request, DEADLINE_PARAMETER)
 
 
 class TritonModel:
@@ -255,6 +262,7 @@ class RaggedBatchModel(TritonModel):
                               if Tensor.WAVEFORM in self.output_dtypes else None)
         # how long a forward takes now: items whose deadline it would outlast are not computed
         self.forward_clock = ForwardClock()
+        self.holding = Holding()
         loaded = self.load_artifact(args, self.version_dir)
         self.configure()
         self.warm_up()
@@ -265,11 +273,14 @@ class RaggedBatchModel(TritonModel):
         log.info("%s: loaded %s", self.name, loaded)
 
     def execute(self, requests: List[Any]) -> List[Any]:
+        # the guard's calls this batch holds: if this stub dies, they are sent again at once
+        self.holding.hold(filter(None, (request_int_parameter(r, CALL_PARAMETER) for r in requests)))
         responses: List[Optional[Any]] = [None] * len(requests)
         items, rows_per_request = self.collect(requests, responses)
         results = self.run_planned(items, responses, requests)
         self.memory_releaser.after()
         self.respond(rows_per_request, results, responses)
+        self.holding.release()
         return responses
 
     def collect(self, requests: List[Any], responses: List[Optional[Any]]) -> Tuple[List[Item], Dict[int, int]]:
