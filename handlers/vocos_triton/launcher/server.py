@@ -273,9 +273,10 @@ class ServerOptions:
 #: how each stub's shared-memory region (the Python backend's requests and responses pass through it)
 #: grows: 64 MB at a time, about the largest batch of the contract (eight 60 s items in and out), so a
 #: burst grows it once instead of dozens of times. With the backend's 1 MB growth, bursts of 60 s requests
-#: crashed tritonserver 2.51 (signal 11, a SIGBUS in libtriton_python.so, boost lock_exception); with 64 MB,
-#: 40 bursts did not. The region still starts at the backend's 1 MB (a larger start is fallocated: 3 GB of
-#: tmpfs for the twelve stubs), and never shrinks (docs/architecture.md, "The launcher").
+#: crashed tritonserver 2.51 in the first burst; with 64 MB, 40 bursts did not on one machine, but on a later
+#: one it crashed within 1-9 bursts, as did regions that never grew: growth is not the crash's cause, only
+#: the intake's speed (docs/performance.md). The region still starts at the backend's 1 MB (a larger start is
+#: fallocated: 3 GB of tmpfs for the twelve stubs), and never shrinks (docs/architecture.md, "The launcher").
 PYTHON_BACKEND_SHM = {"shm-growth-byte-size": 64 << 20}
 
 
