@@ -25,17 +25,24 @@ GUARD_UPSTREAM_HOST = "127.0.0.1"
 MAX_IN_FLIGHT = 32
 
 
-#: glibc's mmap threshold for the guard (bytes): every request it copies (up to 5.8 MB for 60 s of audio) is
-#: mapped on its own and unmapped when freed. glibc's default adapts: after the first large buffer is
-#: freed it serves buffers of that size from the heap, which it never gives back, and a burst of 200 x
-#: 60 s requests left the guard at 1.34 GB (measured) instead of its 40 MB.
-GUARD_MMAP_THRESHOLD_BYTES = 256 << 10
+#: glibc's heap policy for the guard: the requests it copies (5.8 MB for 60 s of 24 kHz audio, 11.5 MB at
+#: 48 kHz) come from the heap (mmap threshold 32 MB, glibc's largest) and what a call frees stays there for
+#: the next one (trim threshold 2 GB), until the guard gives it all back after each spell of calls
+#: (``malloc_trim``, vocos_triton.launcher.guard). One arena for all its threads: ``malloc_trim`` gives back
+#: the top of the main arena only, and gRPC's threads' own arenas kept 33 MB after a spell (8 MB with one).
+#: Mapping each request on its own (a 256 KB threshold, before) made every one fault its pages in and zero
+#: them: 55 % of the guard's CPU in a burst of 200 x 60 s requests (perf), time during which the stubs'
+#: threads on that CPU waited up to 1.9 s to run, and tritonserver 2.51 takes a stub whose threads wait a
+#: second for dead and frees the memory of the batch it is computing (docs/architecture.md, "The gRPC
+#: guard"). glibc's default instead adapts, then never gives the heap back: 1.34 GB after such a burst.
+GUARD_HEAP_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(2 << 30),
+                          "MALLOC_ARENA_MAX": "1"}
 
 
 def guard_environment() -> Dict[str, str]:
-    """The launcher's environment, with :data:`GUARD_MMAP_THRESHOLD_BYTES` for glibc (a fixed threshold
-    also stops its adaptation)."""
-    return dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(GUARD_MMAP_THRESHOLD_BYTES))
+    """The launcher's environment, with :data:`GUARD_HEAP_ENVIRONMENT` for glibc (fixed thresholds also
+    stop its adaptation)."""
+    return dict(os.environ, **GUARD_HEAP_ENVIRONMENT)
 
 
 def wait_listening(process: subprocess.Popen, accepts: Callable[[], bool], timeout_s: float, what: str,
