@@ -34,6 +34,7 @@ from vocos_triton.launcher.watchdog import (
     replaceable_in_place,
     superseded,
 )
+from vocos_triton.serving.allocator import anonymous_resident_bytes
 
 import reference_outputs as ref
 from triton_helpers import make_inputs
@@ -169,8 +170,7 @@ def test_cancellation_bursts_from_plain_tritonclient_never_reach_or_restart_trit
 
 
 def _anonymous_rss_mb(pid: int) -> float:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["RssAnon"].split()[0]) / 1024
+    return anonymous_resident_bytes(pid) / 2**20
 
 
 def _bursts_never_reach_tritonserver(server: TritonServer, reference_mel, speech_1s) -> None:

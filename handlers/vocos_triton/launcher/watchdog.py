@@ -199,7 +199,7 @@ class StubWatchdog(threading.Thread):
 
     def scan(self, retired: Dict[int, float], regions: Dict[int, List[Path]]) -> Dict[int, Instance]:
         """The live stubs, less the retired ones (see :meth:`run`); forgets retired stubs that have
-        exited (removing their shared memory) and ends those that outlived their grace period."""
+        exited (removing their shared memory and holding files) and ends those that outlived their grace period."""
         alive = python_stub_instances(self.server_pid)
         for pid, since in list(retired.items()):
             if pid not in alive:

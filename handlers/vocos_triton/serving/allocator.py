@@ -28,7 +28,7 @@ import functools
 import os
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -69,12 +69,12 @@ def hold_freed_memory() -> bool:
             and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM_BYTES)))
 
 
-def anonymous_resident_bytes() -> int:
-    """Resident memory of this process that is not file- or shared-memory-backed (the heap).
+def anonymous_resident_bytes(pid: Union[int, str] = "self") -> int:
+    """Resident memory of this process (or of ``pid``) that is not file- or shared-memory-backed (the heap).
 
     Libraries and the Python backend's shared-memory tensors are excluded: trimming cannot shrink them.
     """
-    with open("/proc/self/statm") as statm:
+    with open(f"/proc/{pid}/statm") as statm:
         fields = statm.read().split()
     return (int(fields[1]) - int(fields[2])) * _PAGE_BYTES
 

@@ -46,13 +46,6 @@ class Holding:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-
 
 def held_calls(directory: Path, pid: int, remove: bool = True) -> List[int]:
     """The calls stub ``pid`` held when it stopped (its file removed unless ``remove`` is False)."""
