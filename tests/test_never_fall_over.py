@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -96,6 +97,57 @@ def test_add_deadline_carries_the_clients_deadline_to_triton_and_the_models():
     request.parameters["timeout"].int64_param = 500_000  # a shorter timeout the caller chose is kept
     message = guard.add_deadline(service_pb2.ModelInferRequest.FromString(request.SerializeToString()), 2.0, now)
     assert message.parameters["timeout"].int64_param == 500_000
+
+
+def test_leading_model_name_reads_the_name_the_parse_reads_or_nothing():
+    request = service_pb2.ModelInferRequest(model_name="resynthesize_mel", model_version="1", id="call-1")
+    request.parameters["timeout"].int64_param = 4_950_000
+    tensor = request.inputs.add(name="audio", datatype="FP32", shape=[1, 1_440_000])
+    request.raw_input_contents.append(np.zeros(tensor.shape, np.float32).tobytes())  # 60 s at 24 kHz: 5.8 MB
+    wire = request.SerializeToString()
+    assert guard.leading_model_name(wire) == service_pb2.ModelInferRequest.FromString(wire).model_name
+    long_name = service_pb2.ModelInferRequest(model_name="m" * 300).SerializeToString()  # a 2-byte length
+    assert guard.leading_model_name(long_name) == "m" * 300
+    # not first (here after the request id, field 3), absent, cut short or not UTF-8: the guard parses
+    renamed = service_pb2.ModelInferRequest(id="x").SerializeToString() + service_pb2.ModelInferRequest(
+        model_name="vocos_mel").SerializeToString()
+    assert service_pb2.ModelInferRequest.FromString(renamed).model_name == "vocos_mel"
+    for other in (renamed, service_pb2.ModelInferRequest(id="x").SerializeToString(), wire[:10], b"", b"\n",
+                 b"\n\x02\xff\xfe"):
+        assert guard.leading_model_name(other) is None, other
+
+
+def test_a_full_queue_is_refused_at_the_guard_until_tritonserver_answers_otherwise():
+    async def scenario() -> None:
+        proxy = guard.Guard("127.0.0.1:9", max_in_flight=4)  # never dialled here
+        loop = asyncio.get_running_loop()
+
+        def answered(error: Exception = None) -> asyncio.Future:
+            answer = loop.create_future()
+            answer.set_exception(error) if error else answer.set_result(b"")
+            return answer
+
+        def triton_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+            return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+        proxy.in_flight["m"] = 1
+        assert not proxy._at_limit("m")
+        proxy._note_queue("m", answered(triton_error(grpc.StatusCode.UNAVAILABLE,
+                                                     "[request id: <id_unknown>] Exceeds maximum queue size")))
+        assert proxy._at_limit("m") and not proxy._at_limit("other")
+        proxy.in_flight["m"] = 0  # nothing upstream: one call goes up to find out
+        assert not proxy._at_limit("m")
+        proxy.in_flight["m"] = 1
+        proxy._note_queue("m", answered(triton_error(grpc.StatusCode.INVALID_ARGUMENT, "bad tensor")))
+        assert not proxy._at_limit("m")  # any other answer: tritonserver took the call off its queue
+        proxy._note_queue("m", answered(triton_error(grpc.StatusCode.UNAVAILABLE, "Exceeds maximum queue size")))
+        proxy._note_queue("m", answered())
+        assert not proxy._at_limit("m")
+        proxy.in_flight["m"] = 4
+        assert proxy._at_limit("m")  # the bound itself
+        await proxy.channel.close()
+
+    asyncio.run(scenario())
 
 
 def test_forwarded_metadata_keeps_the_keys_and_drops_the_hop():

@@ -37,7 +37,8 @@ class TorchHostProcess:
         """Start the host (on the same socket path when it runs again) and wait until it accepts connections."""
         self.socket_path.unlink(missing_ok=True)
         self.process = subprocess.Popen(self.command(), env=self.environment, stdout=self.output,
-                                        stderr=subprocess.STDOUT if self.output else None, start_new_session=True)
+                                        stderr=subprocess.STDOUT if self.output else None,
+                                        stdin=subprocess.DEVNULL, process_group=0)  # the launcher's session
         wait_listening(self.process, self._accepts, timeout_s, "the torch host", poll_s=0.1)
 
     def _accepts(self) -> bool:

@@ -35,6 +35,7 @@ from ..contract import (
 from .allocator import IDLE_RELEASE_S, MemoryReleaser
 from .holding import Holding
 from .metrics import AudioSeconds
+from .priority import lower_compute_priority
 from .windows import Progress, Steps
 
 log = logging.getLogger("vocos_triton.serving")
@@ -247,6 +248,7 @@ class RaggedBatchModel(TritonModel):
 
     # -- Triton entry points -------------------------------------------------------------------
     def initialize(self, args: Dict[str, str]) -> None:
+        lower_compute_priority()  # this thread runs the model: after the stub's health thread (priority.py)
         self.read_config(args)
         self.max_padded_frames = int(self.float_parameter("max_padded_frames", 16384))
         self.batch_overhead_frames = int(self.float_parameter("batch_overhead_frames", 64))

@@ -32,6 +32,7 @@ from .base import TritonModel
 from .codebooks import TABLE_FILE, CodebookTable
 from .kernels import KernelChoice
 from .metrics import FIRST_AUDIO, AudioSeconds, LatencyHistogram
+from .priority import lower_compute_priority
 from .torchscript import choose_and_log_kernel, load_torchscript
 
 log = logging.getLogger("vocos_triton.serving.streaming")
@@ -87,6 +88,7 @@ class StreamingModel(TritonModel):
     """Base of the two streaming models; subclasses say how a request's tensors become vocoder frames."""
 
     def initialize(self, args: Dict[str, str]) -> None:
+        lower_compute_priority()  # this thread and its torch threads compute: after the health thread
         self.read_config(args)
         batching = self.model_config.get("sequence_batching", {})
         self.idle_timeout_s = int(batching.get("max_sequence_idle_microseconds", 0) or 1_000_000_000) / 1e6

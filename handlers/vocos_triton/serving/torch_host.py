@@ -40,6 +40,7 @@ import torch  # noqa: F401  (the point of the host: imported once, before any fo
 
 from . import kernels, torchscript  # noqa: F401  (the workers' code, imported before the fork)
 from .allocator import MemoryReleaser
+from .priority import lower_compute_priority
 from .scripts import worker_name
 
 log = logging.getLogger("vocos_triton.serving.torch_host")
@@ -94,6 +95,7 @@ def serve_worker(channel: Connection) -> None:
 
 
 def run_host(path: str) -> None:
+    lower_compute_priority()  # the workers forked from here compute: after the stubs' health threads
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
