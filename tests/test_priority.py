@@ -11,8 +11,8 @@ from typing import Dict, List
 
 import pytest
 
-from vocos_triton.launcher.memory import group_members, torch_workers
-from vocos_triton.launcher.server import TritonServer
+from vocos_triton.launcher.memory import torch_workers
+from vocos_triton.launcher.watchdog import python_stubs
 from vocos_triton.serving.priority import COMPUTE_NICE_ENV, MAX_NICE, compute_nice, lower_compute_priority
 
 
@@ -59,11 +59,6 @@ def _threads(pid: int) -> List[int]:
     return [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
 
 
-def _stubs(server: TritonServer) -> List[int]:
-    return [pid for pid in group_members(server.process.pid)
-            if b"triton_python_backend_stub" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
 def test_the_servers_processes_share_the_launchers_session_and_only_the_computation_is_lowered(triton):
     launcher_nice = _nice(threading.get_native_id())
     computing = compute_nice(launcher_nice)
@@ -78,7 +73,7 @@ def test_the_servers_processes_share_the_launchers_session_and_only_the_computat
     # values of its own on some of its threads)
     assert {_nice(tid) for tid in _threads(triton.guard.process.pid)} == {launcher_nice}
     assert _nice(triton.process.pid) == launcher_nice
-    stubs = _stubs(triton)
+    stubs = list(python_stubs(triton.process.pid))
     assert len(stubs) >= 8
     for stub in stubs:
         # the stub's main thread runs the model; the threads the backend started before the model's

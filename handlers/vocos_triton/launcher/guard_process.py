@@ -16,6 +16,7 @@ import threading
 import time
 from typing import IO, Callable, Dict, List, Optional, Sequence
 
+from ..serving.allocator import MMAP_THRESHOLD_BYTES
 from .access import Tls
 
 #: where tritonserver's own gRPC listens when the guard is in front of it
@@ -35,7 +36,7 @@ MAX_IN_FLIGHT = 32
 #: threads on that CPU waited up to 1.9 s to run, and tritonserver 2.51 takes a stub whose threads wait a
 #: second for dead and frees the memory of the batch it is computing (docs/architecture.md, "The gRPC
 #: guard"). glibc's default instead adapts, then never gives the heap back: 1.34 GB after such a burst.
-GUARD_HEAP_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(2 << 30),
+GUARD_HEAP_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES), "MALLOC_TRIM_THRESHOLD_": str(2 << 30),
                           "MALLOC_ARENA_MAX": "1"}
 
 

@@ -41,6 +41,7 @@ from typing import IO, Dict, List, Optional, Sequence, Set
 
 from ..contract import Access
 from ..paths import DEFAULT_BUILD_DIR, DEFAULT_REPOSITORY
+from ..serving.allocator import MMAP_THRESHOLD_BYTES
 from ..serving.holding import HOLDING_DIR_ENV
 from ..serving.priority import COMPUTE_NICE_ENV, compute_nice
 from ..serving.scripts import TORCH_HOST_ENV
@@ -146,7 +147,8 @@ class TritonDistribution:
 # faulted in and zeroed page by page (55 % of tritonserver's CPU in `perf`, in page faults), on the
 # core the guard needs to refuse that burst. Fixed where the adaptation ends anyway (32 MB), requests
 # come from the heap from the first call; freed memory above 256 MB at the heap's top goes back.
-TRITONSERVER_HEAP_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+TRITONSERVER_HEAP_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
+                                 "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 def openmp_environment(env: Dict[str, str]) -> Dict[str, str]:
