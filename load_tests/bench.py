@@ -46,13 +46,13 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-from vocos_triton.launcher.server import openmp_environment
+from vocos_triton.launcher.server import threading_environment
 from vocos_triton.serving.allocator import hold_freed_memory
 
-# The same OpenMP settings as the server's stubs, here and in the in-process worker (it inherits
+# The same thread settings as the server's stubs, here and in the in-process worker (it inherits
 # them), and the same heap policy (glibc does not trim by itself; the worker sets it too): all three
 # systems run under one policy. Set before torch is imported.
-os.environ.update(openmp_environment(dict(os.environ)))
+os.environ.update(threading_environment(dict(os.environ)))
 hold_freed_memory()
 import torch  # noqa: E402
 

@@ -12,9 +12,11 @@ import pytest
 from vocos_triton import contract
 from vocos_triton.launcher.runtime import default_runtime_python
 
+from triton_helpers import implementation_import
+
 ROOT = Path(__file__).resolve().parents[1]
-STUB_MODULES = sorted({line.split()[1] for path in ROOT.glob("model_repository/*/1/model.py")
-                       for line in path.read_text().splitlines() if line.startswith("from vocos_triton")})
+STUB_MODULES = sorted({implementation_import(path.read_text()).module
+                       for path in ROOT.glob("model_repository/*/1/model.py")})
 #: what a stub process must never load: build-time code, the launcher, the reference packages
 FORBIDDEN = ("vocos_triton.build", "vocos_triton.launcher", "vocos", "encodec", "torchaudio")
 
@@ -30,9 +32,7 @@ TORCH_FREE_MODELS = (contract.Model.ENCODEC_EMBEDDING, contract.Model.MEL_FEATUR
 
 
 def stub_module(model: str) -> str:
-    source = (ROOT / "model_repository" / model / "1" / "model.py").read_text()
-    (module,) = [line.split()[1] for line in source.splitlines() if line.startswith("from vocos_triton")]
-    return module
+    return implementation_import((ROOT / "model_repository" / model / "1" / "model.py").read_text()).module
 
 
 def loaded_modules(module: str) -> list:

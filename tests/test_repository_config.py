@@ -11,12 +11,27 @@ import pytest
 
 from vocos_triton.launcher import profiles
 
+from triton_helpers import implementation_import
+
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 CONTRACT_CHECKER = REPOSITORY.parent.parent / "shared" / "tools" / "check_contract.py"
 CONFIGS = {p.parent.name: profiles.load_config(p) for p in sorted(REPOSITORY.glob("*/config.pbtxt"))}
 PYTHON_MODELS = sorted(n for n, c in CONFIGS.items() if c.backend == "python" and not c.HasField("sequence_batching"))
 STREAMS = sorted(n for n, c in CONFIGS.items() if c.HasField("sequence_batching"))
 ENSEMBLES = sorted(n for n, c in CONFIGS.items() if c.platform == "ensemble")
+
+
+@pytest.mark.parametrize("name", PYTHON_MODELS + STREAMS)
+def test_every_model_py_lowers_its_priority_before_it_imports_its_implementation(name):
+    """A stub's first act (serving/priority.py): the imports after it (numpy, torch for the streams) are a
+    replacement's start, which would otherwise run ahead of the instances serving beside it."""
+    source = (REPOSITORY / name / "1" / "model.py").read_text()
+    docstring, first, call, entry, *_ = ast.parse(source).body
+    assert isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)
+    assert isinstance(first, ast.ImportFrom) and first.module == "vocos_triton.serving.priority"
+    assert [a.name for a in first.names] == ["lower_compute_priority"]
+    assert ast.unparse(call) == "lower_compute_priority()"
+    assert ast.unparse(entry) == ast.unparse(implementation_import(source))
 
 
 def tensors(config, kind):
@@ -58,12 +73,12 @@ def test_python_models_batch_raggedly_and_delegate_to_the_package(name):
     for t in config.input:
         assert t.allow_ragged_batch == (-1 in t.dims), f"{name}.{t.name}: ragged iff variable length"
     source = (REPOSITORY / name / "1" / "model.py").read_text()
-    imports = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)]
+    entry = implementation_import(source)
     # the numpy models have their own torch-free modules; the others share serving.models
     module = {"encodec_embedding": "vocos_triton.serving.embedding",
               "mel_features": "vocos_triton.serving.frontend"}.get(name, "vocos_triton.serving.models")
-    assert len(imports) == 1 and imports[0].module == module, "model.py stays thin"
-    (alias,) = imports[0].names
+    assert entry.module == module, "model.py stays thin"
+    (alias,) = entry.names
     assert alias.asname == "TritonPythonModel" and hasattr(importlib.import_module(module), alias.name)
     assert len(source.splitlines()) < 10
     params = {k: v.string_value for k, v in config.parameters.items()}

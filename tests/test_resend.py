@@ -213,6 +213,55 @@ def test_a_call_overdue_during_a_repair_goes_again_but_not_past_its_deadline(mon
     _run(scenario())
 
 
+def test_no_call_is_overdue_while_the_dead_instance_still_waits_for_the_batch_it_held(monkeypatch):
+    """tritonserver's thread of the dead instance takes nothing before the batch the stub held has failed (a
+    second or two): copies of calls that are merely slow before that would only load the survivor."""
+    monkeypatch.setattr(resend, "HEDGE_FLOOR_S", 0.05)
+    monkeypatch.setattr(resend, "CHECK_EVERY_S", 0.01)
+
+    async def scenario() -> None:
+        resender = Resender()
+        upstreams = {n: Upstream() for n in (1, 2)}
+        held = resender.start("resynthesize_mel", 1, 100, upstreams[1].send, None)
+        queued = resender.start("resynthesize_mel", 2, 100, upstreams[2].send, None)
+        resender.repair_started(["vocos_mel", "resynthesize_mel"], held=[1])
+        await _settle()
+        assert (len(upstreams[1].copies), len(upstreams[2].copies)) == (2, 1)  # the held call went again at once
+        assert not resender.may_be_taken_by_the_dead("resynthesize_mel")
+        upstreams[1].copies[1].set_result(b"from the live instance")
+        await asyncio.sleep(0.2)  # four times the floor: overdue, but nothing can have taken it
+        assert len(upstreams[2].copies) == 1 and held.answer.result() == b"from the live instance"
+        upstreams[1].copies[0].set_exception(_rpc_error(grpc.StatusCode.INTERNAL, DEAD))  # the held batch fails
+        await asyncio.sleep(0.1)
+        assert resender.may_be_taken_by_the_dead("vocos_mel") and len(upstreams[2].copies) >= 2  # now it may
+        resender.repair_ended(["vocos_mel", "resynthesize_mel"])
+        assert not resender.may_be_taken_by_the_dead("vocos_mel") and not resender.holding_back
+        for copy in upstreams[2].copies:
+            copy.set_result(b"ok")
+        await _settle()
+        assert queued.answer.result() == b"ok"
+        resender.close()
+
+    _run(scenario())
+
+
+def test_a_dead_instance_that_held_none_of_the_calls_in_flight_may_take_them_at_once():
+    async def scenario() -> None:
+        resender = Resender()
+        upstream = Upstream()
+        resender.start("vocos_mel", 1, 100, upstream.send, None)
+        for held in ([], [99], None):  # idle, a batch already answered, unknown
+            resender.repair_started(["vocos_mel"], held=held)
+            assert resender.may_be_taken_by_the_dead("vocos_mel"), held
+            resender.repair_ended(["vocos_mel"])
+        for copy in upstream.copies:
+            copy.set_result(b"ok")
+        await _settle()
+        resender.close()
+
+    _run(scenario())
+
+
 def test_no_copy_goes_for_a_client_that_has_gone():
     async def scenario() -> None:
         resender = Resender()

@@ -1,6 +1,7 @@
 """Raw tritonclient calls for the server tests (the SDK has its own tests)."""
 from __future__ import annotations
 
+import ast
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -44,3 +45,10 @@ def settled_counts(client: grpcclient.InferenceServerClient, model: str, since: 
     start = since or (0, 0)
     return metrics.settled(lambda: inference_counts(client, model),
                            lambda counts: counts[0] - start[0] >= inferences, timeout_s=timeout_s)
+
+
+def implementation_import(model_py: str) -> ast.ImportFrom:
+    """The import that gives a ``model.py`` (its source) its ``TritonPythonModel``."""
+    (found,) = [n for n in ast.walk(ast.parse(model_py)) if isinstance(n, ast.ImportFrom)
+                and any(alias.asname == "TritonPythonModel" for alias in n.names)]
+    return found

@@ -10,9 +10,14 @@ with the first copy that succeeds:
 - **when the watchdog reports the death**: the calls the dead stub held (its holding file,
   vocos_triton.serving.holding; without one, every call in flight to the models concerned: the model
   and the ensembles that run it);
-- **while the repair lasts**: a call still unanswered after :data:`HEDGE_FACTOR` times what its model's
-  calls have been taking for their size (at least :data:`HEDGE_FLOOR_S`): the dead instance may have
-  taken it since;
+- **while the repair lasts, once the dead instance can take calls again**: a call still unanswered after
+  :data:`HEDGE_FACTOR` times what its model's calls have been taking for their size (at least
+  :data:`HEDGE_FLOOR_S`): the dead instance may have taken it since. The backend thread of the dead
+  instance takes nothing while it waits for the batch the stub held, so when the watchdog named that
+  batch the guard waits until it fails (the first copy that fails on the dead stub); before, every copy
+  sent for a call that was merely slow was one more forward on the cores the survivor and the
+  replacement shared (a kill under load: 12 such copies, all wasted, and the survivor's calls later for
+  them);
 - **whenever a copy fails because its stub is dead** (tritonserver's "... is not healthy") and no other
   copy is still out: at once.
 
@@ -84,10 +89,12 @@ class InferCall:
 
     def __init__(self, model: str, number: int, size: int, send: Sender, deadline: Optional[float],
                  on_done: Callable[[InferCall, Optional[float]], None],
-                 on_dead_stub: Callable[[InferCall], bool]) -> None:
+                 on_dead_stub: Callable[[InferCall], bool],
+                 on_dead_batch: Callable[[str], None] = lambda model: None) -> None:
         self.model, self.number, self.size, self._send, self.deadline = model, number, size, send, deadline
         self._on_done = on_done  # (call, seconds the winning copy took, or None when it failed)
         self._on_dead_stub = on_dead_stub  # its last copy out failed on a dead stub: True if sent again
+        self._on_dead_batch = on_dead_batch  # any copy failed on a dead stub (the call answered or not)
         self._loop = asyncio.get_running_loop()
         self.answer: asyncio.Future = self._loop.create_future()
         self.copies: List[asyncio.Future] = []
@@ -114,6 +121,8 @@ class InferCall:
 
     def _copy_done(self, copy: asyncio.Future, number: int, sent: float) -> None:
         error = copy.exception() if not copy.cancelled() else asyncio.CancelledError()
+        if error is not None and stub_died(error):
+            self._on_dead_batch(self.model)
         if self.answer.done():
             return
         if error is None:
@@ -134,6 +143,9 @@ class Resender:
         self.by_number: Dict[int, InferCall] = {}
         self._numbers = itertools.count(1)
         self.repairing: Dict[str, int] = {}  # model -> repairs under way (two stubs of one model may die)
+        # the models of each repair whose dead instance still waits for the batch its stub held: it takes
+        # no call before that batch fails, so no call of theirs is overdue yet
+        self.holding_back: List[Set[str]] = []
         self.pace = Pace()
         self.resent = 0  # copies sent after the first
         self.rescued = 0  # calls answered by a later copy
@@ -145,7 +157,7 @@ class Resender:
 
     def start(self, model: str, number: int, size: int, send: Sender, deadline: Optional[float]) -> InferCall:
         """A new call, sent upstream at once."""
-        call = InferCall(model, number, size, send, deadline, self._finished, self._resend)
+        call = InferCall(model, number, size, send, deadline, self._finished, self._resend, self._dead_batch_failed)
         self.calls.setdefault(model, set()).add(call)
         self.by_number[number] = call
         call.send()
@@ -170,19 +182,33 @@ class Resender:
 
     def repair_started(self, models: Iterable[str], held: Optional[Iterable[int]] = None) -> None:
         """A stub of ``models`` died holding the calls ``held`` (None: unknown, so any call in flight to
-        ``models`` may be in its batch): send them again."""
+        ``models`` may be in its batch): send them again. Calls overdue are sent again once the dead
+        instance can take calls (at once, unless it holds a batch of calls in flight here)."""
         models = list(models)
         for model in models:
             self.repairing[model] = self.repairing.get(model, 0) + 1
         if held is None:
             lost = [call for model in models for call in self.calls.get(model, ())]
         else:
+            held = list(held)
             lost = [self.by_number[number] for number in held if number in self.by_number]
+        if lost and held is not None:
+            self.holding_back.append(set(models))
         sent = sum(self._resend(call) for call in lost)
         log.info("a stub of %s died holding %s; sent %d calls again", ", ".join(models),
                  "unknown calls" if held is None else f"{len(held)} calls", sent)
         if self._checking is None or self._checking.done():
             self._checking = asyncio.ensure_future(self._check_overdue())
+
+    def _dead_batch_failed(self, model: str) -> None:
+        """tritonserver failed a batch of ``model`` on a dead stub: that instance's thread is free and may
+        take the next calls."""
+        self.holding_back = [models for models in self.holding_back if model not in models]
+
+    def may_be_taken_by_the_dead(self, model: str) -> bool:
+        """Whether a dead instance may take ``model``'s calls now (a repair of it is under way, and its dead
+        instance no longer waits for the batch it held)."""
+        return model in self.repairing and not any(model in models for models in self.holding_back)
 
     def repair_ended(self, models: Iterable[str]) -> None:
         models = list(models)
@@ -193,6 +219,7 @@ class Resender:
                 self.repairing.pop(model, None)
             else:
                 self.repairing[model] -= 1
+        self.holding_back = [group for group in self.holding_back if group & set(self.repairing)]
 
     async def _check_overdue(self) -> None:
         loop = asyncio.get_running_loop()
@@ -200,6 +227,8 @@ class Resender:
             await asyncio.sleep(CHECK_EVERY_S)
             now = loop.time()
             for model in list(self.repairing):
+                if not self.may_be_taken_by_the_dead(model):
+                    continue
                 for call in list(self.calls.get(model, ())):
                     if now - call.last_sent > self.pace.hedge_after(model, call.size):
                         self._resend(call)

@@ -151,17 +151,26 @@ TRITONSERVER_HEAP_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BY
                                  "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
-def openmp_environment(env: Dict[str, str]) -> Dict[str, str]:
-    """OpenMP settings for processes that run our modules, unless ``env`` already chooses some.
+def threading_environment(env: Dict[str, str]) -> Dict[str, str]:
+    """Thread settings for processes that run our modules, where ``env`` does not already choose them.
 
     Every stub is its own process with its own OpenMP pool, and under load several stubs compute at
     once on the same cores. Threads that busy-wait after a parallel region steal those cores from the
     other stubs: a spin makes an isolated request a little faster but costs a mixed load much more
     throughput (docs/performance.md, "OpenMP wait policy"). So idle OpenMP threads sleep at once.
+
+    numpy's OpenBLAS runs on the calling thread only, as MKL's FFT does (serving/dfti.py): the server's
+    parallelism is its instances. Its own threads would start when numpy is imported, before the stub
+    lowers its computation's priority (serving/priority.py), and compute at the launcher's; starting
+    them also doubled numpy's import (62 -> 122 ms of CPU), which a replacement stub pays beside the
+    instances that serve.
     """
-    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
-        return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    chosen: Dict[str, str] = {}
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        chosen["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "OPENBLAS_NUM_THREADS" not in env:
+        chosen["OPENBLAS_NUM_THREADS"] = "1"
+    return chosen
 
 
 def default_tritonserver() -> Optional[Path]:
@@ -379,7 +388,7 @@ class TritonServer:
         env = dict(os.environ)
         # The stub embeds the first python3 on PATH: the runtime's, so model.py sees our package there.
         env["PATH"] = os.pathsep.join([str(runtime.bin_dir), env.get("PATH", "")])
-        env.update(openmp_environment(env))
+        env.update(threading_environment(env))
         # the stubs' model threads and the torch host compute below the launcher's priority (priority.py)
         env[COMPUTE_NICE_ENV] = str(compute_nice(os.getpriority(os.PRIO_PROCESS, 0)))
         env.update(TRITONSERVER_HEAP_ENVIRONMENT)

@@ -248,7 +248,7 @@ class RaggedBatchModel(TritonModel):
 
     # -- Triton entry points -------------------------------------------------------------------
     def initialize(self, args: Dict[str, str]) -> None:
-        lower_compute_priority()  # this thread runs the model: after the stub's health thread (priority.py)
+        lower_compute_priority()  # model.py did already; a model built without it computes low too (priority.py)
         self.read_config(args)
         self.max_padded_frames = int(self.float_parameter("max_padded_frames", 16384))
         self.batch_overhead_frames = int(self.float_parameter("batch_overhead_frames", 64))

@@ -7,12 +7,14 @@ a burst the gRPC guard reads a gigabyte of requests, tritonserver copies what th
 stubs and torch workers compute; on a shared core a health thread waited up to 1.2 s for its turn.
 
 The launcher therefore runs every server process in one scheduler group (one session, so one autogroup:
-as in a container, where all processes share one CPU cgroup) and passes ``VOCOS_COMPUTE_NICE``; the
-thread of a stub that runs the model, and the torch host with the workers it forks, lower themselves to
-that nice value. The health thread and the stub's other backend threads, started before the model's
-``initialize``, keep the launcher's priority, as do tritonserver and the guard: they do little work and
-must do it at once. A niced thread loses nothing when the CPU is free; it only yields when the others
-have work. See docs/architecture.md ("Who runs first").
+as in a container, where all processes share one CPU cgroup) and passes ``VOCOS_COMPUTE_NICE``; a stub
+lowers its main thread to that nice value as the first line of its ``model.py``, and the torch host at
+its start, so that the workers it forks inherit it. The stub's health thread, which the backend starts
+before any Python runs, keeps the launcher's priority, as do tritonserver and the guard: they do little
+work and must do it at once. The imports after that first line are most of a stub's start (numpy and
+our package; torch for the streaming stubs), and a replacement stub starting at the launcher's priority
+took the core from the instance serving beside it. A niced thread loses nothing when the CPU is free; it
+only yields when the others have work. See docs/architecture.md ("Who runs first").
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class StreamingModel(TritonModel):
     """Base of the two streaming models; subclasses say how a request's tensors become vocoder frames."""
 
     def initialize(self, args: Dict[str, str]) -> None:
-        lower_compute_priority()  # this thread and its torch threads compute: after the health thread
+        lower_compute_priority()  # model.py did already; a model built without it computes low too
         self.read_config(args)
         batching = self.model_config.get("sequence_batching", {})
         self.idle_timeout_s = int(batching.get("max_sequence_idle_microseconds", 0) or 1_000_000_000) / 1e6

@@ -13,9 +13,9 @@ validates, plans the batches and answers, and each forward goes over a Unix sock
 and tells the stubs where it listens (:data:`~vocos_triton.serving.runners.TORCH_HOST_ENV`); the socket
 lives in a directory only the server's user can enter (what goes over it is pickled).
 
-A worker lives as long as its stub's connection: a stub that dies (or is killed by the watchdog) closes
-it, and its worker exits after the forward in progress. A worker that dies makes its stub exit, so the
-watchdog replaces the instance as for any dead stub. The host never runs torch itself: a process that
+A worker lives as long as its stub: it exits the moment the stub does, even mid-forward
+(:func:`exit_with_stub`), or when the stub's connection closes (an unload). A worker that dies makes its
+stub exit, so the watchdog replaces the instance as for any dead stub. The host never runs torch itself: a process that
 forks must not have started OpenMP's threads.
 
     python -m vocos_triton.serving.torch_host --socket PATH
@@ -27,10 +27,12 @@ import ctypes
 import gc
 import logging
 import os
+import select
 import signal
 import socket
 import struct
 import sys
+import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Optional
@@ -64,8 +66,26 @@ def peer_pid(conn: socket.socket) -> int:
     return pid
 
 
-def serve_worker(channel: Connection) -> None:
+def exit_with_stub(stub_pid: int) -> None:
+    """End this worker the moment its stub exits, even mid-forward: nobody will read that forward, and on a
+    saturated server what was left of it delayed the surviving instance, which was computing again the
+    very calls the dead stub held. Without pidfds (Linux < 5.3) the worker ends after the forward, when it
+    reads the closed connection."""
+    try:
+        pidfd = os.pidfd_open(stub_pid)
+    except (AttributeError, OSError):  # no pidfds, or the stub is already gone (the connection tells)
+        return
+
+    def wait() -> None:
+        select.select([pidfd], [], [])  # readable once the process has exited
+        os._exit(0)
+
+    threading.Thread(target=wait, name="stub-exit", daemon=True).start()
+
+
+def serve_worker(channel: Connection, stub_pid: int) -> None:
     """A worker's life: load one artifact, then run its forwards until the stub goes."""
+    exit_with_stub(stub_pid)
     script: Optional[torchscript.LoadedScript] = None
     releaser: Optional[MemoryReleaser] = None
     while True:
@@ -116,7 +136,7 @@ def run_host(path: str) -> None:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             name_process(worker_name(stub))
             try:
-                serve_worker(Connection(conn.detach()))
+                serve_worker(Connection(conn.detach()), stub)
             finally:
                 os._exit(0)
         conn.close()

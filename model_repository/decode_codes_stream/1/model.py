@@ -1,5 +1,8 @@
 """Triton entry point of `decode_codes_stream`; the implementation is
 vocos_triton.serving.streaming.DecodeCodesStreamModel."""
-from vocos_triton.serving.streaming import DecodeCodesStreamModel as TritonPythonModel
+from vocos_triton.serving.priority import lower_compute_priority
+
+lower_compute_priority()  # first: the imports below are the stub's own start (serving/priority.py)
+from vocos_triton.serving.streaming import DecodeCodesStreamModel as TritonPythonModel  # noqa: E402
 
 __all__ = ["TritonPythonModel"]

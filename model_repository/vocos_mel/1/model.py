@@ -1,4 +1,7 @@
 """Triton entry point of `vocos_mel`; the implementation is vocos_triton.serving.models.VocosMelModel."""
-from vocos_triton.serving.models import VocosMelModel as TritonPythonModel
+from vocos_triton.serving.priority import lower_compute_priority
+
+lower_compute_priority()  # first: the imports below are the stub's own start (serving/priority.py)
+from vocos_triton.serving.models import VocosMelModel as TritonPythonModel  # noqa: E402
 
 __all__ = ["TritonPythonModel"]
