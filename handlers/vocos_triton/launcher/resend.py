@@ -14,9 +14,9 @@ with the first copy that succeeds:
   :data:`HEDGE_FACTOR` times what its model's calls have been taking for their size (at least
   :data:`HEDGE_FLOOR_S`): the dead instance may have taken it since. The backend thread of the dead
   instance takes nothing while it waits for the batch the stub held, so when the watchdog named that
-  batch the guard waits until it fails (the first copy that fails on the dead stub); before, every copy
-  sent for a call that was merely slow was one more forward on the cores the survivor and the
-  replacement shared (a kill under load: 12 such copies, all wasted, and the survivor's calls later for
+  batch the guard waits until it fails (the first copy that fails on the dead stub). Before, copies of
+  calls that were merely slow went in that wait, each one more forward on the cores the survivor and
+  the replacement shared (a kill under load: 12 such copies, all wasted, the survivor's calls later for
   them);
 - **whenever a copy fails because its stub is dead** (tritonserver's "... is not healthy") and no other
   copy is still out: at once.
@@ -89,8 +89,7 @@ class InferCall:
 
     def __init__(self, model: str, number: int, size: int, send: Sender, deadline: Optional[float],
                  on_done: Callable[[InferCall, Optional[float]], None],
-                 on_dead_stub: Callable[[InferCall], bool],
-                 on_dead_batch: Callable[[str], None] = lambda model: None) -> None:
+                 on_dead_stub: Callable[[InferCall], bool], on_dead_batch: Callable[[str], None]) -> None:
         self.model, self.number, self.size, self._send, self.deadline = model, number, size, send, deadline
         self._on_done = on_done  # (call, seconds the winning copy took, or None when it failed)
         self._on_dead_stub = on_dead_stub  # its last copy out failed on a dead stub: True if sent again

@@ -389,7 +389,7 @@ class TritonServer:
         # The stub embeds the first python3 on PATH: the runtime's, so model.py sees our package there.
         env["PATH"] = os.pathsep.join([str(runtime.bin_dir), env.get("PATH", "")])
         env.update(threading_environment(env))
-        # the stubs' model threads and the torch host compute below the launcher's priority (priority.py)
+        # the stubs (from model.py's first line) and the torch host compute below the launcher's (priority.py)
         env[COMPUTE_NICE_ENV] = str(compute_nice(os.getpriority(os.PRIO_PROCESS, 0)))
         env.update(TRITONSERVER_HEAP_ENVIRONMENT)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
