@@ -20,7 +20,7 @@ from vocos_triton.build.export import ARTIFACT, PROVENANCE, ParityError, build_r
 from vocos_triton.build.half import halve_vocoder
 from vocos_triton.build.quantize import fidelity, quantize_vocoder
 from vocos_triton.contract import MEL_24KHZ, split_model_name
-from vocos_triton.launcher.runtime import default_runtime_python
+from vocos_triton.launcher.runtime import default_runtime_python, runtime_environment
 from vocos_triton.modules.vocoder import ATEN, LINEAR_KERNELS, ONEDNN, BatchedVocos, check_linear_kernel
 from vocos_triton.serving import kernels
 from vocos_triton.speech import speech_clip
@@ -173,7 +173,7 @@ def test_inprocess_worker_applies_the_stubs_choice(repository, tmp_path):
     """The bench's in-process column runs the kernel the stubs would choose, under the runtime's torch."""
     inputs = tmp_path / "inputs.npz"
     np.savez(inputs, **{"mel-1s-b1.mel": np.zeros((1, 100, 94), np.float32)})
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = runtime_environment()
     worker = subprocess.run([str(default_runtime_python()), str(ROOT / "load_tests" / "inprocess_worker.py"),
                              str(repository), str(inputs), "1"], input="run mel-1s-b1\nquit\n", text=True,
                             capture_output=True, timeout=300, env={**env, kernels.KERNEL_ENV: "aten"})
@@ -268,7 +268,7 @@ def test_fp16_export_records_its_snr_and_the_gate_refuses_a_poor_one(tmp_path, m
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: make gpu-check runs for real")
 @pytest.mark.parametrize("python", [sys.executable, str(default_runtime_python())], ids=["build", "runtime"])
 def test_gpu_check_without_a_gpu_exits_at_once_saying_why(tmp_path, python):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = runtime_environment()
     result = subprocess.run([python, str(ROOT / "load_tests" / "gpu_check.py"), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == gpu_check.EXIT_NO_GPU, result.stderr

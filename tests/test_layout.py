@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from vocos_triton import contract
-from vocos_triton.launcher.runtime import default_runtime_python
+from vocos_triton.launcher.runtime import default_runtime_python, runtime_environment
 
 from triton_helpers import implementation_import
 
@@ -39,9 +38,8 @@ def loaded_modules(module: str) -> list:
     """In the serving runtime, as a stub would: import the module, then list what got loaded."""
     probe = (f"import importlib, json, sys; importlib.import_module({module!r}); "
              "print(json.dumps(sorted(sys.modules)))")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([str(default_runtime_python()), "-c", probe], capture_output=True, text=True, env=env,
-                            timeout=120, check=True)
+    result = subprocess.run([str(default_runtime_python()), "-c", probe], capture_output=True, text=True,
+                            env=runtime_environment(), timeout=120, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -7,7 +7,6 @@ rounding noise: that holds only with the FFT torch itself runs (MKL, see :mod:`v
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from typing import List
 
@@ -17,7 +16,7 @@ import soxr
 import torch
 
 from vocos_triton.contract import MEL_24KHZ, Model
-from vocos_triton.launcher.runtime import default_runtime_python
+from vocos_triton.launcher.runtime import default_runtime_python, runtime_environment
 from vocos_triton.modules.features import MelFeatures
 from vocos_triton.serving import dfti
 from vocos_triton.serving.melbank import MELBANK_FILE, MelBank
@@ -133,9 +132,8 @@ with np.load({str(tmp_path / "clips.npz")!r}) as saved:
 np.savez({str(tmp_path / "mels.npz")!r}, *bank(clips))
 print(json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))))
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([str(default_runtime_python()), "-c", probe], capture_output=True, text=True, env=env,
-                            timeout=120, check=True)
+    result = subprocess.run([str(default_runtime_python()), "-c", probe], capture_output=True, text=True,
+                            env=runtime_environment(), timeout=120, check=True)
     torch_modules = json.loads(result.stdout.strip().splitlines()[-1])
     if torch_modules is None:
         pytest.skip("the serving runtime has no MKL: its CPU instances serve model.pt")

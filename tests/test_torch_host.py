@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from vocos_triton.contract import Model
-from vocos_triton.launcher.runtime import default_runtime_python
+from vocos_triton.launcher.runtime import default_runtime_python, runtime_environment
 from vocos_triton.launcher.torch_host_process import TorchHostProcess
 
 #: a stub's side of a worker, run in the serving runtime: one 60 s forward timed, then another, during which
@@ -35,14 +35,9 @@ script(*forward)
 """
 
 
-def _environment() -> dict:
-    # the runtime has the package installed; the test's own PYTHONPATH points at this interpreter's
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-
-
 @pytest.fixture
 def host() -> Iterator[TorchHostProcess]:
-    host = TorchHostProcess(default_runtime_python(), _environment())
+    host = TorchHostProcess(default_runtime_python(), runtime_environment())
     host.start()
     yield host
     host.stop()
@@ -51,7 +46,7 @@ def host() -> Iterator[TorchHostProcess]:
 def test_a_worker_ends_the_moment_its_stub_dies_even_mid_forward(host: TorchHostProcess, repository: Path):
     stub = subprocess.Popen([str(default_runtime_python()), "-c", STUB, str(host.socket_path),
                              str(repository / Model.VOCOS_MEL / "1")], stdout=subprocess.PIPE, text=True,
-                            env=_environment())
+                            env=runtime_environment())
     try:
         worker, forward_s = stub.stdout.readline().split()
         worker_pid, forward_s = int(worker), float(forward_s)

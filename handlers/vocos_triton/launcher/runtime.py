@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 #: set by the Makefile to the runtime environment's python; unset, the stubs use the current one
 RUNTIME_PYTHON_ENV = "VOCOS_RUNTIME_PYTHON"
@@ -62,6 +62,12 @@ def default_runtime_python() -> Path:
     return Path(configured) if configured else Path(sys.executable)
 
 
+def runtime_environment() -> Dict[str, str]:
+    """This process's environment without ``PYTHONPATH``, to run the runtime's python as a stub runs: the
+    stub ignores ``PYTHONPATH``, and ours may point at another interpreter's packages."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def probe(python: Path, timeout_s: float = 120.0) -> Runtime:
     """Import what the stubs import, in ``python``, and report its versions; raise if it cannot serve.
 
@@ -71,8 +77,8 @@ def probe(python: Path, timeout_s: float = 120.0) -> Runtime:
     if not python.exists():
         raise UnusableRuntime(f"runtime python {python} does not exist; build it with `make runtime` "
                               f"or point {RUNTIME_PYTHON_ENV} / --runtime-python at an environment with torch")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the stub ignores PYTHONPATH too
-    result = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s, env=env)
+    result = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s,
+                            env=runtime_environment())
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise UnusableRuntime(f"runtime python {python} cannot import torch and vocos_triton ({tail[0]}); "
