@@ -15,8 +15,8 @@ lives in a directory only the server's user can enter (what goes over it is pick
 
 A worker lives as long as its stub: it exits the moment the stub does, even mid-forward
 (:func:`exit_with_stub`), or when the stub's connection closes (an unload). A worker that dies makes its
-stub exit, so the watchdog replaces the instance as for any dead stub. The host never runs torch itself: a process that
-forks must not have started OpenMP's threads.
+stub exit, so the watchdog replaces the instance as for any dead stub. The host never runs torch itself:
+a process that forks must not have started OpenMP's threads.
 
     python -m vocos_triton.serving.torch_host --socket PATH
 """
